@@ -1,0 +1,121 @@
+"""``fedmed`` command line: subcommands dispatch to Hydra-configured tasks."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from fedmed.configure import compose_config, config_dir, first_of_each_sweep, to_typed
+from fedmed.errors import FedMedError
+
+USAGE = """usage: fedmed COMMAND [hydra overrides] [--multirun]
+
+commands:
+  simulate   run a federation on Flower's simulation engine (e.g. dataset=pneumonia model=cnn)
+  baseline   train pooled or per-site baselines (mode=pooled|local) on the same splits
+
+Overrides follow Hydra: key=value, group=option, --multirun with comma-separated sweeps,
+hydra.run.dir=DIR for the output folder. Config files: conf/ (or $FEDMED_CONFIG_DIR).
+"""
+
+_exit_codes: list[int] = []
+
+
+def _run_task(task: Callable[[Any, Path], int]) -> Callable[[DictConfig], None]:
+    """Wrap a task so user errors print one line and set the exit code instead of a traceback."""
+
+    def hydra_task(raw: DictConfig) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        output_dir = Path(HydraConfig.get().runtime.output_dir)
+        try:
+            cfg = to_typed(raw)
+            (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(raw, resolve=True))
+            _exit_codes.append(task(cfg, output_dir))
+        except FedMedError as err:
+            print(f"fedmed: {err}", file=sys.stderr, flush=True)
+            _exit_codes.append(2)
+
+    return hydra_task
+
+
+def _simulate(cfg: Any, output_dir: Path) -> int:
+    from fedmed.simulation import simulate
+
+    summary = simulate(cfg, output_dir)
+    print_summary(summary, output_dir)
+    return 0 if summary["status"] == "completed" else 1
+
+
+def _baseline(cfg: Any, output_dir: Path) -> int:
+    from fedmed.baseline import run_baseline
+
+    summary = run_baseline(cfg, output_dir)
+    print_summary(summary, output_dir)
+    return 0
+
+
+def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
+    """Final lines: global metrics, failures, where the outputs are."""
+    g = summary["global"]
+    auc = f"{g['auc']:.4f}" if g.get("auc") is not None else "n/a"
+    acc = f"{g['accuracy']:.4f}" if g.get("accuracy") is not None else "n/a"
+    print(f"global model: accuracy {acc} | auc {auc} | status {summary['status']}")
+    if summary.get("stop_reason"):
+        print(f"stopped: {summary['stop_reason']}")
+    for failure in summary.get("failures", []):
+        print(f"failure: round {failure['round']} site {failure['site']}: {failure['error']}")
+    print(f"outputs: {output_dir} ({summary['wall_seconds']:.1f}s)")
+
+
+COMMANDS: dict[str, tuple[str, Callable[[Any, Path], int]]] = {
+    "simulate": ("config", _simulate),
+    "baseline": ("baseline", _baseline),
+}
+
+
+def run_hydra_command(command: str, args: list[str]) -> int:
+    """Check the composed config first (one-line errors), then hand over to Hydra's runner."""
+    import hydra
+
+    config_name, task = COMMANDS[command]
+    overrides = [a for a in args if not a.startswith("-")]
+    if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args):
+        compose_config(first_of_each_sweep(overrides), config_name)
+    from fedmed.config import register_schemas
+
+    register_schemas()
+    _exit_codes.clear()
+    sys.argv = [f"fedmed {command}", *args]
+    hydra.main(config_path=str(config_dir()), config_name=config_name, version_base="1.3")(
+        _run_task(task)
+    )()
+    return max(_exit_codes, default=0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = args[0], args[1:]
+    try:
+        if command in COMMANDS:
+            return run_hydra_command(command, rest)
+        raise FedMedError(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
+    except FedMedError as err:
+        print(f"fedmed: {err}", file=sys.stderr)
+        return 2
+
+
+def console() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    console()

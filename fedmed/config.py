@@ -1,0 +1,236 @@
+"""Typed configuration schemas (Hydra ConfigStore) and the value checks Hydra cannot express.
+
+YAML files under ``conf/`` only set values; every key and type is declared here, so a mistyped
+key or a wrong type fails at composition time, before any data is read or any model trained.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from fedmed.errors import ConfigError
+
+
+class Partition(Enum):
+    """How a single data source is split across simulated sites."""
+
+    iid = "iid"
+    dirichlet = "dirichlet"
+
+
+class ModelName(Enum):
+    """Models a site can train (all Opacus-compatible)."""
+
+    cnn = "cnn"
+    svm = "svm"
+    logreg = "logreg"
+
+
+class StrategyName(Enum):
+    """Flower legacy strategies the coordinator can aggregate with."""
+
+    fedavg = "fedavg"
+    fedprox = "fedprox"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+
+
+class BaselineMode(Enum):
+    """Non-federated reference trainings."""
+
+    pooled = "pooled"
+    local = "local"
+
+
+# ----------------------------------------------------------------------------- dataset group
+@dataclass
+class DatasetConfig:
+    """Fields every dataset shares."""
+
+    name: str = MISSING
+    test_fraction: float = 0.25
+    partition: Partition = Partition.iid
+    alpha: float = 0.5
+    min_records_per_site: int = 8
+
+
+@dataclass
+class TabularConfig(DatasetConfig):
+    """CSV data: one file per site (``paths``) or one file partitioned across sites (``path``).
+
+    ``header`` names the columns of files without a header row. ``categorical`` declares the
+    categories of each categorical column up front, so one-hot encoding needs no statistic
+    from another site.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    path: str | None = None
+    site_names: list[str] = field(default_factory=list)
+    label: str = MISSING
+    header: list[str] | None = None
+    features: list[str] | None = None
+    categorical: dict[str, list[int]] = field(default_factory=dict)
+    zero_as_missing: list[str] = field(default_factory=list)
+    missing_values: list[str] = field(default_factory=lambda: ["?", ""])
+    binarize_above: float | None = None
+    classes: list[int] = field(default_factory=lambda: [0, 1])
+    missing_indicators: bool = True
+
+
+@dataclass
+class SklearnConfig(DatasetConfig):
+    """A dataset that ships inside scikit-learn (no download)."""
+
+    loader: str = "load_breast_cancer"
+
+
+@dataclass
+class ImageConfig(DatasetConfig):
+    """A MedMNIST-layout ``.npz`` partitioned across sites."""
+
+    path: str = MISSING
+    num_classes: int | None = None
+    channels: int | None = None
+
+
+# ----------------------------------------------------------------------------- other groups
+@dataclass
+class ModelConfig:
+    """Model family and its local optimiser settings."""
+
+    name: ModelName = MISSING
+    lr: float = 0.05
+    batch_size: int = 32
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StrategyConfig:
+    """Aggregation rule; server-side optimiser settings only matter for fedadam/fedyogi."""
+
+    name: StrategyName = StrategyName.fedavg
+    proximal_mu: float = 0.0
+    server_lr: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    tau: float = 1e-3
+
+
+@dataclass
+class FederationConfig:
+    """How many sites, how many rounds, and how many sites each round needs."""
+
+    rounds: int = 5
+    num_sites: int | None = None
+    fraction: float = 1.0
+    min_sites: int = 2
+    local_epochs: int = 1
+
+
+@dataclass
+class PrivacyConfig:
+    """Differential privacy at each site (``none`` until DP-SGD is configured)."""
+
+    name: str = "none"
+
+
+@dataclass
+class SecAggConfig:
+    """Secure aggregation of site updates (``off`` until SecAgg+ is configured)."""
+
+    name: str = "off"
+
+
+@dataclass
+class FedMedConfig:
+    """The whole run: one object handed to the coordinator, every site and the baselines."""
+
+    seed: int = 0
+    dataset: DatasetConfig = MISSING
+    model: ModelConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    federation: FederationConfig = MISSING
+    privacy: PrivacyConfig = MISSING
+    secagg: SecAggConfig = MISSING
+
+
+@dataclass
+class BaselineConfig(FedMedConfig):
+    """A federated configuration plus the baseline mode."""
+
+    mode: BaselineMode = BaselineMode.pooled
+
+
+def register_schemas() -> None:
+    """Register every schema so YAML files can extend them (``defaults: [<schema>, _self_]``)."""
+    store = ConfigStore.instance()
+    store.store(name="fedmed_schema", node=FedMedConfig)
+    store.store(name="baseline_schema", node=BaselineConfig)
+    store.store(group="dataset", name="tabular_schema", node=TabularConfig)
+    store.store(group="dataset", name="sklearn_schema", node=SklearnConfig)
+    store.store(group="dataset", name="image_schema", node=ImageConfig)
+    store.store(group="model", name="model_schema", node=ModelConfig)
+    store.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    store.store(group="federation", name="federation_schema", node=FederationConfig)
+    store.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
+    store.store(group="secagg", name="secagg_schema", node=SecAggConfig)
+
+
+# ----------------------------------------------------------------------------- value checks
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(key, value, allowed)
+
+
+def validate(cfg: FedMedConfig) -> None:
+    """Reject out-of-range values with one error naming the key and what is allowed."""
+    fed = cfg.federation
+    _require(fed.rounds >= 1, "federation.rounds", fed.rounds, "an integer >= 1")
+    _require(
+        fed.num_sites is None or fed.num_sites >= 1,
+        "federation.num_sites",
+        fed.num_sites,
+        "an integer >= 1 (or null for the dataset's own number of sites)",
+    )
+    _require(0.0 < fed.fraction <= 1.0, "federation.fraction", fed.fraction, "a number in (0, 1]")
+    _require(fed.min_sites >= 1, "federation.min_sites", fed.min_sites, "an integer >= 1")
+    _require(fed.local_epochs >= 1, "federation.local_epochs", fed.local_epochs, "an integer >= 1")
+
+    ds = cfg.dataset
+    _require(
+        0.0 < ds.test_fraction < 1.0, "dataset.test_fraction", ds.test_fraction, "a number in (0, 1)"
+    )
+    _require(ds.alpha > 0.0, "dataset.alpha", ds.alpha, "a number > 0")
+    if isinstance(ds, TabularConfig):
+        _require(
+            bool(ds.paths) != (ds.path is not None),
+            "dataset.paths",
+            ds.paths,
+            "a list of CSV files, one per site, or else dataset.path=FILE (exactly one of the two)",
+        )
+        _require(
+            not ds.site_names or len(ds.site_names) == len(ds.paths),
+            "dataset.site_names",
+            ds.site_names,
+            f"one name per entry of dataset.paths ({len(ds.paths)})",
+        )
+        _require(len(ds.classes) >= 2, "dataset.classes", ds.classes, "at least two classes")
+
+    m = cfg.model
+    _require(m.lr > 0.0 and math.isfinite(m.lr), "model.lr", m.lr, "a finite number > 0")
+    _require(m.batch_size >= 1, "model.batch_size", m.batch_size, "an integer >= 1")
+    _require(0.0 <= m.momentum < 1.0, "model.momentum", m.momentum, "a number in [0, 1)")
+    _require(m.weight_decay >= 0.0, "model.weight_decay", m.weight_decay, "a number >= 0")
+
+    s = cfg.strategy
+    _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")
+    _require(s.server_lr > 0.0, "strategy.server_lr", s.server_lr, "a number > 0")
+    _require(0.0 <= s.beta1 < 1.0, "strategy.beta1", s.beta1, "a number in [0, 1)")
+    _require(0.0 <= s.beta2 < 1.0, "strategy.beta2", s.beta2, "a number in [0, 1)")
+    _require(s.tau > 0.0, "strategy.tau", s.tau, "a number > 0")

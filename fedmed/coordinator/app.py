@@ -1,0 +1,62 @@
+"""The coordinator ServerApp: Flower's legacy workflow around the fedmed strategy wrapper."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from flwr.app import Context
+from flwr.common import ndarrays_to_parameters
+from flwr.server import Grid, LegacyContext, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import ServerApp
+
+from fedmed.config import FedMedConfig
+from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
+from fedmed.coordinator.recorder import RunRecorder
+from fedmed.coordinator.strategies import build_strategy
+from fedmed.data import data_schema, num_sites
+from fedmed.models import build_model
+from fedmed.train import get_weights, set_weights
+
+GLOBAL_MODEL_FILE = "global_model.pt"
+
+
+def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir: Path) -> dict:
+    """Run all rounds, then write the global model, metrics.csv, summary.json and accuracy.png."""
+    random.seed(cfg.seed)  # Flower's client sampling uses the `random` module
+    np.random.seed(cfg.seed)
+    total_sites = num_sites(cfg)
+    recorder = RunRecorder(cfg, output_dir, total_sites)
+    model = build_model(cfg.model.name, data_schema(cfg), cfg.seed)
+    initial = ndarrays_to_parameters(get_weights(model))
+    strategy = FederatedStrategy(
+        build_strategy(cfg, total_sites, initial), recorder, min(cfg.federation.min_sites, total_sites)
+    )
+    legacy = LegacyContext(
+        context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy
+    )
+    try:
+        DefaultWorkflow()(grid, legacy)
+    except FederationStopped as stop:
+        recorder.stop(str(stop))
+    finally:
+        if strategy.global_weights is not None:
+            set_weights(model, strategy.global_weights)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            torch.save(model.state_dict(), output_dir / GLOBAL_MODEL_FILE)
+        summary = recorder.write()
+    return summary
+
+
+def make_server_app(cfg: FedMedConfig, output_dir: Path) -> ServerApp:
+    """ServerApp for an in-process simulation whose config is known up front."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_coordinator(grid, context, cfg, output_dir)
+
+    return app

@@ -1,0 +1,113 @@
+"""A strategy wrapper that turns site deltas into a global model and records every round.
+
+Sites send ``delta = local - global``. The wrapper adds the current global model back before
+handing results to the inner Flower strategy, so FedAvg/FedProx/FedAdam/FedYogi run unchanged;
+with secure aggregation the single aggregate it receives is converted the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fedmed.coordinator.recorder import RunRecorder
+from fedmed.metrics import EvalStats
+
+
+class FederationStopped(RuntimeError):
+    """Raised to end the run early (e.g. fewer than federation.min_sites sites answered)."""
+
+
+class FederatedStrategy(Strategy):
+    """Wraps an inner strategy: delta -> weights conversion, min_sites check, recording."""
+
+    def __init__(self, inner: Strategy, recorder: RunRecorder, min_sites: int) -> None:
+        self.inner = inner
+        self.recorder = recorder
+        self.min_sites = min_sites
+        self.global_weights: list[np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        return f"FederatedStrategy({self.inner!r})"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        initial = self.inner.initialize_parameters(client_manager)
+        if initial is not None:
+            self.global_weights = parameters_to_ndarrays(initial)
+        return initial
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self.recorder.start_round()
+        self.global_weights = parameters_to_ndarrays(parameters)
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def _as_weights(self, res: FitRes) -> FitRes:
+        assert self.global_weights is not None
+        delta = parameters_to_ndarrays(res.parameters)
+        weights = [g + d for g, d in zip(self.global_weights, delta, strict=True)]
+        return FitRes(res.status, ndarrays_to_parameters(weights), res.num_examples, res.metrics)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        self.recorder.record_failures(server_round, "fit", list(failures))
+        for _, res in results:
+            if "site" in res.metrics:
+                self.recorder.record_fit(
+                    str(res.metrics["site"]), res.num_examples, float(res.metrics.get("train_loss", float("nan")))
+                )
+        if len(results) < self.min_sites:
+            raise FederationStopped(
+                f"round {server_round}: {len(results)} site(s) returned an update, fewer than "
+                f"federation.min_sites={self.min_sites}"
+            )
+        converted = [(proxy, self._as_weights(res)) for proxy, res in results]
+        parameters, metrics = self.inner.aggregate_fit(server_round, converted, failures)
+        if parameters is not None:
+            self.global_weights = parameters_to_ndarrays(parameters)
+        return parameters, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        self.recorder.record_failures(server_round, "evaluate", list(failures))
+        per_site = {
+            str(res.metrics["site"]): EvalStats.from_metrics(dict(res.metrics)) for _, res in results
+        }
+        if not per_site:
+            return None, {}
+        record = self.recorder.record_evaluation(server_round, per_site)
+        metrics: dict[str, Any] = {"accuracy": record.accuracy}
+        if record.auc is not None:
+            metrics["auc"] = record.auc
+        return record.loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return self.inner.evaluate(server_round, parameters)

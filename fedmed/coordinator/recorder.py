@@ -1,0 +1,191 @@
+"""What the coordinator learns during a run, printed per round and written to the run directory.
+
+Files: ``metrics.csv`` (one row per round and site), ``summary.json`` (keys other tools read)
+and ``accuracy.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedmed.config import FedMedConfig
+from fedmed.metrics import EvalStats
+
+METRICS_COLUMNS = (
+    "round", "site", "num_train", "train_loss", "num_test", "test_loss", "accuracy", "auc",
+)
+_SITE_IN_ERROR = re.compile(r"site '([^']+)'")
+
+
+@dataclass
+class RoundRecord:
+    """Global metrics of one round (the union of the evaluating sites' test splits)."""
+
+    round: int
+    accuracy: float
+    auc: float | None
+    loss: float
+    sites: int
+    seconds: float
+
+
+@dataclass
+class Failure:
+    """A site that failed in a round, with its own error message."""
+
+    site: str
+    round: int
+    stage: str
+    error: str
+
+
+@dataclass
+class RunRecorder:
+    """Collects per-site and global metrics and failures; owns the run directory's outputs."""
+
+    cfg: FedMedConfig
+    output_dir: Path
+    num_sites: int
+    history: list[RoundRecord] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    site_rows: list[dict[str, Any]] = field(default_factory=list)
+    sites: dict[str, dict[str, Any]] = field(default_factory=dict)
+    status: str = "running"
+    stop_reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _started: float = field(default_factory=time.perf_counter)
+    _round_started: float = field(default_factory=time.perf_counter)
+
+    def start_round(self) -> None:
+        self._round_started = time.perf_counter()
+        self._fit_rows = {}
+
+    def record_fit(self, site: str, num_train: int, train_loss: float) -> None:
+        self._fit_rows[site] = {"num_train": num_train, "train_loss": train_loss}
+        self.sites.setdefault(site, {})["num_train"] = num_train
+
+    def record_failures(self, server_round: int, stage: str, failures: list[BaseException | Any]) -> None:
+        """Name the failed site from the error text (sites raise ``SiteError("site 'x': ...")``)."""
+        for failure in failures:
+            text = str(failure) if isinstance(failure, BaseException) else repr(failure)
+            match = _SITE_IN_ERROR.search(text)
+            site = match.group(1) if match else "unknown"
+            self.failures.append(Failure(site, server_round, stage, text))
+            print(f"round {server_round:>3} | {stage} failed at {site}: {text}", flush=True)
+
+    def record_evaluation(self, server_round: int, per_site: dict[str, EvalStats]) -> RoundRecord:
+        """Store per-site rows and the merged global metrics; print the round's progress line."""
+        for site, stats in sorted(per_site.items()):
+            fit = self._fit_rows.get(site, {})
+            row = {
+                "round": server_round,
+                "site": site,
+                "num_train": fit.get("num_train", self.sites.get(site, {}).get("num_train")),
+                "train_loss": fit.get("train_loss"),
+                "num_test": stats.num_examples,
+                "test_loss": stats.loss,
+                "accuracy": stats.accuracy,
+                "auc": stats.auc,
+            }
+            self.site_rows.append(row)
+            self.sites.setdefault(site, {}).update(
+                {"num_test": stats.num_examples, "accuracy": stats.accuracy, "auc": stats.auc}
+            )
+        merged = EvalStats.merge(list(per_site.values()))
+        record = RoundRecord(
+            server_round,
+            merged.accuracy,
+            merged.auc,
+            merged.loss,
+            len(per_site),
+            time.perf_counter() - self._round_started,
+        )
+        self.history.append(record)
+        auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
+        print(
+            f"round {server_round:>3}/{self.cfg.federation.rounds} | loss {record.loss:.4f} | "
+            f"accuracy {record.accuracy:.4f} | auc {auc} | sites {record.sites} | "
+            f"{record.seconds:.1f}s",
+            flush=True,
+        )
+        return record
+
+    def stop(self, reason: str) -> None:
+        self.status = "stopped"
+        self.stop_reason = reason
+        print(f"federation stopped: {reason}", flush=True)
+
+    # ------------------------------------------------------------------ outputs
+    def summary(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else None
+        return {
+            "dataset": self.cfg.dataset.name,
+            "model": self.cfg.model.name.value,
+            "strategy": self.cfg.strategy.name.value,
+            "rounds": self.cfg.federation.rounds,
+            "rounds_completed": len(self.history),
+            "num_sites": self.num_sites,
+            "seed": self.cfg.seed,
+            "status": self.status if self.status != "running" else "completed",
+            "stop_reason": self.stop_reason,
+            "global": {
+                "accuracy": last.accuracy if last else None,
+                "auc": last.auc if last else None,
+                "loss": last.loss if last else None,
+            },
+            "history": [
+                {"round": r.round, "accuracy": r.accuracy, "auc": r.auc, "loss": r.loss, "seconds": r.seconds}
+                for r in self.history
+            ],
+            "sites": {name: dict(values) for name, values in sorted(self.sites.items())},
+            "failures": [asdict(f) for f in self.failures],
+            "wall_seconds": time.perf_counter() - self._started,
+            **self.extra,
+        }
+
+    def write(self) -> dict[str, Any]:
+        """Write metrics.csv, summary.json and accuracy.png; returns the summary."""
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with (self.output_dir / "metrics.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=METRICS_COLUMNS)
+            writer.writeheader()
+            writer.writerows(self.site_rows)
+        summary = self.summary()
+        (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if self.history:
+            plot_history(self.history, self.output_dir / "accuracy.png", title=_title(self.cfg))
+        return summary
+
+
+def _title(cfg: FedMedConfig) -> str:
+    return f"{cfg.dataset.name} / {cfg.model.name.value} / {cfg.strategy.name.value}"
+
+
+def plot_history(history: list[RoundRecord], path: Path, title: str) -> None:
+    """Accuracy and AUC of the global model per round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [r.round for r in history]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(rounds, [r.accuracy for r in history], marker="o", label="accuracy")
+    if all(r.auc is not None for r in history):
+        ax.plot(rounds, [r.auc for r in history], marker="s", label="AUC")
+    ax.set_xlabel("round")
+    ax.set_ylabel("global test metric")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

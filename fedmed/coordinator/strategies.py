@@ -1,0 +1,55 @@
+"""Strategy registry: ``strategy.name`` -> a configured Flower legacy strategy.
+
+Flower's legacy strategies are the ones SecAgg+ (``SecAggPlusWorkflow``) can drive.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from flwr.common import Parameters
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from fedmed.config import FedMedConfig, StrategyName
+
+
+def _fit_config(server_round: int) -> dict[str, Any]:
+    return {"server_round": server_round}
+
+
+def _no_metrics(_results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+    """Per-site metrics are recorded by FederatedStrategy; nothing to merge here."""
+    return {}
+
+
+def build_strategy(cfg: FedMedConfig, num_sites: int, initial: Parameters) -> Strategy:
+    """The inner aggregation rule, sampling ``federation.fraction`` of the sites per round."""
+    fed = cfg.federation
+    per_round = max(fed.min_sites, math.ceil(fed.fraction * num_sites))
+    common: dict[str, Any] = {
+        "fraction_fit": fed.fraction,
+        "fraction_evaluate": 1.0,
+        "min_fit_clients": min(per_round, num_sites),
+        "min_evaluate_clients": min(fed.min_sites, num_sites),
+        "min_available_clients": min(per_round, num_sites),
+        "initial_parameters": initial,
+        "on_fit_config_fn": _fit_config,
+        "on_evaluate_config_fn": _fit_config,
+        "accept_failures": True,
+        "fit_metrics_aggregation_fn": _no_metrics,
+        "evaluate_metrics_aggregation_fn": _no_metrics,
+    }
+    s = cfg.strategy
+    builders: dict[StrategyName, Callable[[], Strategy]] = {
+        StrategyName.fedavg: lambda: FedAvg(**common),
+        StrategyName.fedprox: lambda: FedProx(proximal_mu=s.proximal_mu, **common),
+        StrategyName.fedadam: lambda: FedAdam(
+            eta=s.server_lr, beta_1=s.beta1, beta_2=s.beta2, tau=s.tau, **common
+        ),
+        StrategyName.fedyogi: lambda: FedYogi(
+            eta=s.server_lr, beta_1=s.beta1, beta_2=s.beta2, tau=s.tau, **common
+        ),
+    }
+    return builders[s.name]()

@@ -1,0 +1,6 @@
+"""Site data: bundled real datasets, generic CSV / MedMNIST loaders, site-local preprocessing."""
+
+from fedmed.data.sources import data_schema, load_site, num_sites, resolve_path, site_names
+from fedmed.data.types import DataSchema, SiteData
+
+__all__ = ["DataSchema", "SiteData", "data_schema", "load_site", "num_sites", "resolve_path", "site_names"]

@@ -1,0 +1,201 @@
+"""From a dataset config to each site's preprocessed data, the site names and the data schema.
+
+Natural federations (one CSV per hospital) keep their hospitals; single sources (one CSV,
+scikit-learn's breast cancer data, a MedMNIST ``.npz``) are split into train/test and then
+partitioned across ``federation.num_sites`` sites. Every statistic used in preprocessing is
+computed inside one site. Results are cached per process so a site never reloads its data
+between rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.config import DatasetConfig, FedMedConfig, ImageConfig, SklearnConfig, TabularConfig
+from fedmed.data.images import ImageSplits, load_medmnist
+from fedmed.data.partition import partition_train_test, stratified_split
+from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
+from fedmed.data.types import DataSchema, SiteData
+from fedmed.errors import ConfigError
+
+BUNDLED_PREFIX = "bundled:"
+DEFAULT_NUM_SITES = 4
+
+
+def resolve_path(path: str) -> Path:
+    """``bundled:NAME/FILE`` points into the package's own data; anything else is a file path."""
+    if path.startswith(BUNDLED_PREFIX):
+        root = resources.files("fedmed.data.bundled")
+        return Path(str(root.joinpath(path[len(BUNDLED_PREFIX) :])))
+    return Path(path).expanduser()
+
+
+def _is_natural_federation(ds: DatasetConfig) -> bool:
+    return isinstance(ds, TabularConfig) and bool(ds.paths)
+
+
+def num_sites(cfg: FedMedConfig) -> int:
+    """Sites in the federation: one per file for natural federations, else federation.num_sites."""
+    requested = cfg.federation.num_sites
+    ds = cfg.dataset
+    if _is_natural_federation(ds):
+        assert isinstance(ds, TabularConfig)
+        if requested is not None and requested != len(ds.paths):
+            raise ConfigError(
+                "federation.num_sites",
+                requested,
+                f"{len(ds.paths)} (or null): dataset={ds.name} has one site per file in dataset.paths",
+            )
+        return len(ds.paths)
+    return requested if requested is not None else DEFAULT_NUM_SITES
+
+
+def site_names(cfg: FedMedConfig) -> list[str]:
+    """Hospital names for natural federations (from dataset.site_names or file names), else site-i."""
+    ds = cfg.dataset
+    if _is_natural_federation(ds):
+        assert isinstance(ds, TabularConfig)
+        return list(ds.site_names) or [resolve_path(p).stem for p in ds.paths]
+    return [f"site-{i}" for i in range(num_sites(cfg))]
+
+
+def tabular_spec(ds: TabularConfig) -> TabularSpec:
+    """The reading/preprocessing rules of a CSV dataset, as an immutable value."""
+    return TabularSpec(
+        label=ds.label,
+        header=tuple(ds.header) if ds.header else None,
+        features=tuple(ds.features) if ds.features else None,
+        categorical=tuple((k, tuple(v)) for k, v in ds.categorical.items()),
+        zero_as_missing=tuple(ds.zero_as_missing),
+        missing_values=tuple(ds.missing_values),
+        binarize_above=ds.binarize_above,
+        classes=tuple(ds.classes),
+        missing_indicators=ds.missing_indicators,
+    )
+
+
+def _tabular_site(name: str, table: Table, spec: TabularSpec, train: np.ndarray, test: np.ndarray) -> SiteData:
+    prep = SitePreprocessor.fit(table, spec, train)
+    return SiteData(
+        name=name,
+        x_train=prep.transform(table.features[train]),
+        y_train=table.labels[train],
+        x_test=prep.transform(table.features[test]),
+        y_test=table.labels[test],
+        num_classes=len(spec.classes),
+    )
+
+
+@functools.cache
+def _read_table_cached(path: str, spec: TabularSpec) -> Table:
+    return read_table(resolve_path(path), spec)
+
+
+@functools.cache
+def _sklearn_table(loader: str) -> Table:
+    from sklearn import datasets
+
+    bunch = getattr(datasets, loader)()
+    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.int64), tuple(bunch.feature_names))
+
+
+@functools.cache
+def _partition(
+    train_labels: bytes, test_labels: bytes, n: int, method: str, alpha: float, min_records: int, seed: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    return partition_train_test(
+        np.frombuffer(train_labels, dtype=np.int64),
+        np.frombuffer(test_labels, dtype=np.int64),
+        n,
+        method,
+        alpha,
+        min_records,
+        seed,
+    )
+
+
+def _partition_for(cfg: FedMedConfig, y_train: np.ndarray, y_test: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+    ds = cfg.dataset
+    train_parts, test_parts = _partition(
+        y_train.tobytes(),
+        y_test.tobytes(),
+        num_sites(cfg),
+        ds.partition.value,
+        ds.alpha,
+        ds.min_records_per_site,
+        cfg.seed,
+    )
+    return train_parts[index], test_parts[index]
+
+
+def _load_partitioned_table(cfg: FedMedConfig, table: Table, spec: TabularSpec, index: int) -> SiteData:
+    train_all, test_all = stratified_split(table.labels, cfg.dataset.test_fraction, np.random.default_rng(cfg.seed))
+    train_part, test_part = _partition_for(cfg, table.labels[train_all], table.labels[test_all], index)
+    return _tabular_site(f"site-{index}", table, spec, train_all[train_part], test_all[test_part])
+
+
+def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
+    ds = cfg.dataset
+    if isinstance(ds, TabularConfig):
+        spec = tabular_spec(ds)
+        if ds.paths:
+            table = _read_table_cached(ds.paths[index], spec)
+            rng = np.random.default_rng([cfg.seed, index])
+            train, test = stratified_split(table.labels, ds.test_fraction, rng)
+            return _tabular_site(site_names(cfg)[index], table, spec, train, test)
+        assert ds.path is not None
+        return _load_partitioned_table(cfg, _read_table_cached(ds.path, spec), spec, index)
+    if isinstance(ds, SklearnConfig):
+        spec = TabularSpec(label="target", missing_indicators=False)
+        return _load_partitioned_table(cfg, _sklearn_table(ds.loader), spec, index)
+    if isinstance(ds, ImageConfig):
+        images = _load_images_cached(ds.path, ds.num_classes, ds.channels)
+        train, test = _partition_for(cfg, images.y_train, images.y_test, index)
+        return SiteData(
+            name=f"site-{index}",
+            x_train=images.x_train[train],
+            y_train=images.y_train[train],
+            x_test=images.x_test[test],
+            y_test=images.y_test[test],
+            num_classes=images.num_classes,
+        )
+    raise ConfigError("dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)")
+
+
+@functools.cache
+def _load_images_cached(path: str, num_classes: int | None, channels: int | None) -> ImageSplits:
+    return load_medmnist(resolve_path(path), num_classes, channels)
+
+
+_site_cache: dict[tuple[str, int], SiteData] = {}
+
+
+def load_site(cfg: FedMedConfig, index: int) -> SiteData:
+    """One site's preprocessed data; loaded once per process and reused in every round."""
+    total = num_sites(cfg)
+    if not 0 <= index < total:
+        raise ConfigError("site index", index, f"0..{total - 1}")
+    key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed)), index)
+    if key not in _site_cache:
+        _site_cache[key] = _load_site_uncached(cfg, index)
+    return _site_cache[key]
+
+
+def data_schema(cfg: FedMedConfig) -> DataSchema:
+    """Input shape and class count for building the global model (reads the first source only)."""
+    ds = cfg.dataset
+    if isinstance(ds, TabularConfig):
+        spec = tabular_spec(ds)
+        table = _read_table_cached(ds.paths[0] if ds.paths else str(ds.path), spec)
+        return DataSchema((SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes))
+    if isinstance(ds, SklearnConfig):
+        table = _sklearn_table(ds.loader)
+        return DataSchema((table.features.shape[1],), int(table.labels.max()) + 1)
+    if isinstance(ds, ImageConfig):
+        images = _load_images_cached(ds.path, ds.num_classes, ds.channels)
+        return DataSchema(tuple(images.x_train.shape[1:]), images.num_classes)
+    raise ConfigError("dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)")

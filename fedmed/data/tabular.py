@@ -1,0 +1,179 @@
+"""Read a site's CSV and preprocess it with statistics from that site's own training split only."""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from fedmed.errors import DataError
+
+
+@dataclass(frozen=True)
+class TabularSpec:
+    """How to read one CSV: which column is the label, which are features, what is missing."""
+
+    label: str
+    header: tuple[str, ...] | None = None
+    features: tuple[str, ...] | None = None
+    categorical: tuple[tuple[str, tuple[float, ...]], ...] = ()
+    zero_as_missing: tuple[str, ...] = ()
+    missing_values: tuple[str, ...] = ("?", "")
+    binarize_above: float | None = None
+    classes: tuple[int, ...] = (0, 1)
+    missing_indicators: bool = True
+
+
+@dataclass(frozen=True)
+class Table:
+    """Numeric feature matrix (NaN = missing), class indices and the feature names."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    feature_names: tuple[str, ...]
+
+
+def _read_rows(path: Path, spec: TabularSpec) -> tuple[list[str], list[list[str]]]:
+    if not path.is_file():
+        raise DataError(str(path), "file not found")
+    try:
+        with path.open(newline="", encoding="utf-8") as handle:
+            rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(str(path), f"not a readable UTF-8 CSV file ({exc})") from None
+    if spec.header is None:
+        if not rows:
+            raise DataError(str(path), "file is empty (no header row)")
+        header, rows = [c.strip() for c in rows[0]], rows[1:]
+    else:
+        header = list(spec.header)
+    if not rows:
+        raise DataError(str(path), "file has no data rows")
+    first_data_line = 1 if spec.header is not None else 2
+    for offset, row in enumerate(rows):
+        if len(row) != len(header):
+            raise DataError(
+                str(path),
+                f"line {first_data_line + offset} has {len(row)} columns, expected {len(header)} "
+                f"({', '.join(header)})",
+            )
+    return header, rows
+
+
+def _column_index(path: Path, header: list[str], name: str, role: str) -> int:
+    if name not in header:
+        raise DataError(str(path), f"{role} column '{name}' not found; columns are {header}")
+    return header.index(name)
+
+
+def _parse_cell(path: Path, cell: str, line: int, column: str, spec: TabularSpec) -> float:
+    text = cell.strip()
+    if text in spec.missing_values:
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataError(
+            str(path), f"line {line}, column '{column}': non-numeric value {cell!r}"
+        ) from None
+    if not math.isfinite(value):
+        raise DataError(str(path), f"line {line}, column '{column}': non-finite value {cell!r}")
+    return value
+
+
+def read_table(path: Path, spec: TabularSpec) -> Table:
+    """Parse and check one CSV; every problem is reported with the file, line and column."""
+    header, rows = _read_rows(path, spec)
+    label_idx = _column_index(path, header, spec.label, "label")
+    names = spec.features or tuple(c for c in header if c != spec.label)
+    feature_idx = [_column_index(path, header, name, "feature") for name in names]
+    first_line = 1 if spec.header is not None else 2
+
+    matrix = np.array(
+        [
+            [_parse_cell(path, row[i], first_line + r, header[i], spec) for i in feature_idx]
+            for r, row in enumerate(rows)
+        ],
+        dtype=np.float64,
+    )
+    raw_labels = np.array(
+        [_parse_cell(path, row[label_idx], first_line + r, spec.label, spec) for r, row in enumerate(rows)]
+    )
+    if np.isnan(raw_labels).any():
+        line = first_line + int(np.flatnonzero(np.isnan(raw_labels))[0])
+        raise DataError(str(path), f"line {line}: label column '{spec.label}' is missing")
+    if spec.binarize_above is not None:
+        raw_labels = (raw_labels > spec.binarize_above).astype(np.float64)
+    unknown = sorted(set(raw_labels.tolist()) - {float(c) for c in spec.classes})
+    if unknown:
+        raise DataError(
+            str(path),
+            f"labels {unknown} in column '{spec.label}' are outside the declared classes "
+            f"{list(spec.classes)} (set dataset.classes)",
+        )
+    class_index = {float(c): i for i, c in enumerate(spec.classes)}
+    labels = np.array([class_index[v] for v in raw_labels.tolist()], dtype=np.int64)
+    for column in spec.zero_as_missing:
+        if column in names:
+            col = names.index(column)
+            matrix[matrix[:, col] == 0.0, col] = math.nan
+    return Table(matrix, labels, tuple(names))
+
+
+@dataclass(frozen=True)
+class SitePreprocessor:
+    """Median imputation + missing indicators + standardisation + declared one-hot categories.
+
+    Fitted on one site's training rows only; the same site applies it to its test rows. Every
+    feature gets a missing-indicator column, so all sites produce the same columns without
+    comparing notes.
+    """
+
+    numeric: tuple[int, ...]
+    categorical: tuple[tuple[int, tuple[float, ...]], ...]
+    medians: np.ndarray
+    means: np.ndarray
+    stds: np.ndarray
+    missing_indicators: bool
+
+    @classmethod
+    def fit(cls, table: Table, spec: TabularSpec, rows: np.ndarray) -> SitePreprocessor:
+        declared = dict(spec.categorical)
+        categorical = tuple(
+            (i, tuple(declared[name])) for i, name in enumerate(table.feature_names) if name in declared
+        )
+        numeric = tuple(i for i, name in enumerate(table.feature_names) if name not in declared)
+        train = table.features[rows][:, list(numeric)]
+        observed = ~np.isnan(train)
+        counts = observed.sum(axis=0)
+        medians = np.zeros(len(numeric))
+        for j in np.flatnonzero(counts):
+            medians[j] = np.median(train[observed[:, j], j])
+        filled = np.where(observed, train, medians)
+        means = filled.mean(axis=0)
+        stds = filled.std(axis=0)
+        stds[stds < 1e-12] = 1.0
+        return cls(numeric, categorical, medians, means, stds, spec.missing_indicators)
+
+    def transform(self, features: np.ndarray) -> np.ndarray:
+        values = features[:, list(self.numeric)]
+        filled = np.where(np.isnan(values), self.medians, values)
+        blocks = [(filled - self.means) / self.stds]
+        if self.missing_indicators:
+            blocks.append(np.isnan(features).astype(np.float64))
+        for column, categories in self.categorical:
+            col = features[:, column]
+            blocks.append(np.stack([col == c for c in categories], axis=1).astype(np.float64))
+        return np.concatenate(blocks, axis=1).astype(np.float32)
+
+    @staticmethod
+    def output_width(spec: TabularSpec, feature_names: tuple[str, ...]) -> int:
+        """Width of ``transform``'s output, known from the spec alone (no data needed)."""
+        declared = dict(spec.categorical)
+        numeric = sum(1 for n in feature_names if n not in declared)
+        one_hot = sum(len(declared[n]) for n in feature_names if n in declared)
+        indicators = len(feature_names) if spec.missing_indicators else 0
+        return numeric + indicators + one_hot

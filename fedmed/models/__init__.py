@@ -1,0 +1,38 @@
+"""Model registry: name -> (module builder, training loss). All models are Opacus-compatible."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fedmed.config import ModelName
+from fedmed.data.types import DataSchema
+from fedmed.errors import ConfigError
+from fedmed.models.cnn import DiagnosisNet
+from fedmed.models.linear import LinearClassifier
+
+
+def build_model(name: ModelName, schema: DataSchema, seed: int) -> nn.Module:
+    """A freshly initialised model; the same seed gives the same weights on every machine."""
+    torch.manual_seed(seed)
+    if name is ModelName.cnn:
+        if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:
+            raise ConfigError(
+                "model", name.value, f"svm or logreg: the data has shape {schema.input_shape}, "
+                "and the cnn needs square images (C, H, W)"
+            )
+        channels, size, _ = schema.input_shape
+        return DiagnosisNet(channels, size, schema.num_classes)
+    return LinearClassifier(math.prod(schema.input_shape), schema.num_classes)
+
+
+def build_loss(name: ModelName) -> nn.Module:
+    """Hinge loss for the SVM (its L2 term is model.weight_decay), cross-entropy otherwise."""
+    if name is ModelName.svm:
+        return nn.MultiMarginLoss()
+    return nn.CrossEntropyLoss()
+
+
+__all__ = ["DiagnosisNet", "LinearClassifier", "build_loss", "build_model"]

@@ -1,0 +1,56 @@
+"""Run a whole federation on one machine with Flower's Ray simulation engine."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fedmed.config import FedMedConfig
+from fedmed.coordinator.app import make_server_app
+from fedmed.data import num_sites
+from fedmed.errors import FedMedError
+from fedmed.site import make_client_app
+
+# One CPU per simulated site: asking Ray for more CPUs than the machine has hangs.
+BACKEND_CONFIG: dict[str, Any] = {
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "init_args": {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR},
+}
+
+
+def quiet_flower() -> None:
+    """Keep Flower's INFO chatter out of the progress output (FEDMED_VERBOSE=1 shows it)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # under Hydra every Flower line would print twice
+    if not os.environ.get("FEDMED_VERBOSE"):
+        flwr_logger.setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def simulate(cfg: FedMedConfig, output_dir: Path) -> dict[str, Any]:
+    """Run every round and return the summary written to ``output_dir/summary.json``."""
+    quiet_flower()
+    from flwr.simulation import run_simulation
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary_path = output_dir / "summary.json"
+    summary_path.unlink(missing_ok=True)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    run_simulation(
+        server_app=make_server_app(cfg, output_dir),
+        client_app=make_client_app(cfg),
+        num_supernodes=num_sites(cfg),
+        backend_config=BACKEND_CONFIG,
+    )
+    if not summary_path.is_file():
+        raise FedMedError(
+            f"the coordinator stopped without writing {summary_path}; rerun with FEDMED_VERBOSE=1"
+        )
+    summary: dict[str, Any] = json.loads(summary_path.read_text())
+    return summary
