@@ -61,7 +61,8 @@ class DatasetConfig:
 
 @dataclass
 class TabularConfig(DatasetConfig):
-    """CSV data: one file per site (``paths``) or one file partitioned across sites (``path``).
+    """CSV data: one file per site (``paths``, or ``site_kits`` naming each hospital's kit YAML)
+    or one file partitioned across sites (``path``).
 
     ``header`` names the columns of files without a header row. ``categorical`` declares the
     categories of each categorical column up front, so one-hot encoding needs no statistic
@@ -70,6 +71,7 @@ class TabularConfig(DatasetConfig):
 
     paths: list[str] = field(default_factory=list)
     path: str | None = None
+    site_kits: list[str] = field(default_factory=list)
     site_names: list[str] = field(default_factory=list)
     label: str = MISSING
     header: list[str] | None = None
@@ -209,10 +211,11 @@ def validate(cfg: FedMedConfig) -> None:
     _require(ds.alpha > 0.0, "dataset.alpha", ds.alpha, "a number > 0")
     if isinstance(ds, TabularConfig):
         _require(
-            bool(ds.paths) != (ds.path is not None),
+            sum([bool(ds.paths), bool(ds.site_kits), ds.path is not None]) == 1,
             "dataset.paths",
             ds.paths,
-            "a list of CSV files, one per site, or else dataset.path=FILE (exactly one of the two)",
+            "exactly one of: dataset.paths (one CSV per site), dataset.site_kits (one kit YAML "
+            "per site) or dataset.path (one CSV partitioned across sites)",
         )
         _require(
             not ds.site_names or len(ds.site_names) == len(ds.paths),

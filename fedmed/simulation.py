@@ -28,7 +28,7 @@ def quiet_flower() -> None:
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # under Hydra every Flower line would print twice
     if not os.environ.get("FEDMED_VERBOSE"):
-        flwr_logger.setLevel(logging.ERROR)
+        flwr_logger.setLevel(logging.CRITICAL)  # site failures are reported by the recorder
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 

@@ -20,7 +20,17 @@ from fedmed.metrics import EvalStats
 METRICS_COLUMNS = (
     "round", "site", "num_train", "train_loss", "num_test", "test_loss", "accuracy", "auc",
 )
-_SITE_IN_ERROR = re.compile(r"site '([^']+)'")
+# SiteError text ("site 'NAME': problem") as it appears, possibly escaped, inside Flower's error
+_SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULTILINE)
+
+
+def site_error(text: str) -> tuple[str, str]:
+    """(site, one-line message) from a failure Flower reports; the innermost SiteError wins."""
+    matches = _SITE_ERROR.findall(text.replace("\\'", "'"))
+    if not matches:
+        return "unknown", text.strip().splitlines()[-1] if text.strip() else repr(text)
+    site, message = matches[-1]
+    return site, f"site '{site}': {message.strip()}"
 
 
 @dataclass
@@ -74,11 +84,9 @@ class RunRecorder:
     def record_failures(self, server_round: int, stage: str, failures: list[BaseException | Any]) -> None:
         """Name the failed site from the error text (sites raise ``SiteError("site 'x': ...")``)."""
         for failure in failures:
-            text = str(failure) if isinstance(failure, BaseException) else repr(failure)
-            match = _SITE_IN_ERROR.search(text)
-            site = match.group(1) if match else "unknown"
-            self.failures.append(Failure(site, server_round, stage, text))
-            print(f"round {server_round:>3} | {stage} failed at {site}: {text}", flush=True)
+            site, message = site_error(str(failure) if isinstance(failure, BaseException) else repr(failure))
+            self.failures.append(Failure(site, server_round, stage, message))
+            print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
 
     def record_evaluation(self, server_round: int, per_site: dict[str, EvalStats]) -> RoundRecord:
         """Store per-site rows and the merged global metrics; print the round's progress line."""

@@ -19,10 +19,9 @@ from fedmed.config import DatasetConfig, FedMedConfig, ImageConfig, SklearnConfi
 from fedmed.data.images import ImageSplits, load_medmnist
 from fedmed.data.partition import partition_train_test, stratified_split
 from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
-from fedmed.data.types import DataSchema, SiteData
+from fedmed.data.types import BUNDLED_PREFIX, DataSchema, SiteData
 from fedmed.errors import ConfigError
-
-BUNDLED_PREFIX = "bundled:"
+from fedmed.sitekit import load_site_kit
 DEFAULT_NUM_SITES = 4
 
 
@@ -35,7 +34,20 @@ def resolve_path(path: str) -> Path:
 
 
 def _is_natural_federation(ds: DatasetConfig) -> bool:
-    return isinstance(ds, TabularConfig) and bool(ds.paths)
+    return isinstance(ds, TabularConfig) and bool(ds.paths or ds.site_kits)
+
+
+@functools.cache
+def _kit_files(kits: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    loaded = [load_site_kit(k) for k in kits]
+    return [k.data.path for k in loaded], [k.name for k in loaded]
+
+
+def site_files(ds: TabularConfig) -> tuple[list[str], list[str]]:
+    """(data path, site name) per hospital, from dataset.site_kits or dataset.paths."""
+    if ds.site_kits:
+        return _kit_files(tuple(ds.site_kits))
+    return list(ds.paths), list(ds.site_names) or [resolve_path(p).stem for p in ds.paths]
 
 
 def num_sites(cfg: FedMedConfig) -> int:
@@ -44,13 +56,14 @@ def num_sites(cfg: FedMedConfig) -> int:
     ds = cfg.dataset
     if _is_natural_federation(ds):
         assert isinstance(ds, TabularConfig)
-        if requested is not None and requested != len(ds.paths):
+        count = len(site_files(ds)[0])
+        if requested is not None and requested != count:
             raise ConfigError(
                 "federation.num_sites",
                 requested,
-                f"{len(ds.paths)} (or null): dataset={ds.name} has one site per file in dataset.paths",
+                f"{count} (or null): dataset={ds.name} has one site per file (dataset.paths / site_kits)",
             )
-        return len(ds.paths)
+        return count
     return requested if requested is not None else DEFAULT_NUM_SITES
 
 
@@ -59,7 +72,7 @@ def site_names(cfg: FedMedConfig) -> list[str]:
     ds = cfg.dataset
     if _is_natural_federation(ds):
         assert isinstance(ds, TabularConfig)
-        return list(ds.site_names) or [resolve_path(p).stem for p in ds.paths]
+        return site_files(ds)[1]
     return [f"site-{i}" for i in range(num_sites(cfg))]
 
 
@@ -142,8 +155,8 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
     ds = cfg.dataset
     if isinstance(ds, TabularConfig):
         spec = tabular_spec(ds)
-        if ds.paths:
-            table = _read_table_cached(ds.paths[index], spec)
+        if _is_natural_federation(ds):
+            table = _read_table_cached(site_files(ds)[0][index], spec)
             rng = np.random.default_rng([cfg.seed, index])
             train, test = stratified_split(table.labels, ds.test_fraction, rng)
             return _tabular_site(site_names(cfg)[index], table, spec, train, test)
@@ -190,7 +203,8 @@ def data_schema(cfg: FedMedConfig) -> DataSchema:
     ds = cfg.dataset
     if isinstance(ds, TabularConfig):
         spec = tabular_spec(ds)
-        table = _read_table_cached(ds.paths[0] if ds.paths else str(ds.path), spec)
+        first = site_files(ds)[0][0] if _is_natural_federation(ds) else str(ds.path)
+        table = _read_table_cached(first, spec)
         return DataSchema((SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes))
     if isinstance(ds, SklearnConfig):
         table = _sklearn_table(ds.loader)

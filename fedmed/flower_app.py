@@ -1,0 +1,44 @@
+"""The Flower App entry points for ``flwr run .``: the same coordinator and sites as simulate.
+
+``[tool.flwr.app.config]`` (or ``flwr run . --run-config``) carries ``overrides``, a string of
+Hydra overrides, and ``output-dir``; both apps compose the identical typed config from it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.server import Grid
+from flwr.serverapp import ServerApp
+
+from fedmed.config import FedMedConfig
+from fedmed.configure import compose_config
+from fedmed.coordinator.app import run_coordinator
+from fedmed.site import make_client_fn
+
+OVERRIDES_KEY = "overrides"
+OUTPUT_DIR_KEY = "output-dir"
+
+
+def config_from_run_config(context: Context) -> FedMedConfig:
+    """Compose the run's typed config from the ``overrides`` run-config string."""
+    return compose_config(shlex.split(str(context.run_config.get(OVERRIDES_KEY, ""))))
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Coordinator entry point under ``flwr run``."""
+    cfg = config_from_run_config(context)
+    output_dir = Path(str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/flwr-run"))).expanduser()
+    summary = run_coordinator(grid, context, cfg, output_dir.resolve())
+    if summary["status"] != "completed":
+        raise RuntimeError(f"federation stopped: {summary['stop_reason']}")
+
+
+client_app = ClientApp(client_fn=make_client_fn(config_from_run_config))

@@ -1,0 +1,48 @@
+"""Shared fixtures: config composition and copies of the bundled heart-disease files."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from fedmed.config import FedMedConfig
+from fedmed.configure import compose_config
+from fedmed.data import resolve_path
+
+HEART_FILES = {
+    "cleveland": "bundled:heart_disease/processed.cleveland.data",
+    "hungary": "bundled:heart_disease/processed.hungarian.data",
+    "switzerland": "bundled:heart_disease/processed.switzerland.data",
+    "va": "bundled:heart_disease/processed.va.data",
+}
+
+
+@pytest.fixture
+def compose() -> Callable[..., FedMedConfig]:
+    """``compose("dataset=pneumonia", "model=cnn")`` -> typed, validated FedMedConfig."""
+
+    def _compose(*overrides: str, config_name: str = "config") -> FedMedConfig:
+        return compose_config(list(overrides), config_name)
+
+    return _compose
+
+
+@pytest.fixture
+def heart_copies(tmp_path: Path) -> Callable[[str], list[Path]]:
+    """Copy the four bundled heart files into ``tmp_path/<folder>``; returns their paths in
+    site order (cleveland, hungary, switzerland, va). Each folder is a fresh set of paths, so
+    fedmed's per-path caches never serve one folder's content for another."""
+
+    def _copy(folder: str) -> list[Path]:
+        dest = tmp_path / folder
+        dest.mkdir()
+        out = []
+        for source in HEART_FILES.values():
+            src = resolve_path(source)
+            out.append(Path(shutil.copy(src, dest / src.name)))
+        return out
+
+    return _copy
