@@ -62,7 +62,9 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
         per_round: dict[int, dict[str, EvalStats]] = {}
         for site in sites:
 
-            def local_round(server_round: int, loss: float, stats: dict[str, EvalStats], site: SiteData = site) -> None:
+            def local_round(
+                server_round: int, loss: float, stats: dict[str, EvalStats], site: SiteData = site
+            ) -> None:
                 recorder.record_fit(site.name, len(site.y_train), loss)
                 per_round.setdefault(server_round, {}).update(stats)
 

@@ -84,7 +84,9 @@ def run_hydra_command(command: str, args: list[str]) -> int:
 
     config_name, task = COMMANDS[command]
     overrides = [a for a in args if not a.startswith("-")]
-    if not any(a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args):
+    if not any(
+        a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args
+    ):
         compose_config(first_of_each_sweep(overrides), config_name)
     from fedmed.config import register_schemas
 

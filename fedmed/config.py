@@ -206,7 +206,10 @@ def validate(cfg: FedMedConfig) -> None:
 
     ds = cfg.dataset
     _require(
-        0.0 < ds.test_fraction < 1.0, "dataset.test_fraction", ds.test_fraction, "a number in (0, 1)"
+        0.0 < ds.test_fraction < 1.0,
+        "dataset.test_fraction",
+        ds.test_fraction,
+        "a number in (0, 1)",
     )
     _require(ds.alpha > 0.0, "dataset.alpha", ds.alpha, "a number > 0")
     if isinstance(ds, TabularConfig):

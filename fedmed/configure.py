@@ -38,7 +38,7 @@ def to_typed(cfg: DictConfig) -> FedMedConfig:
     try:
         typed = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as exc:
-        raise ConfigError(exc.full_key, "???", "a value: this key is required") from None
+        raise ConfigError(str(exc.full_key), "???", "a value: this key is required") from None
     assert isinstance(typed, FedMedConfig)
     validate(typed)
     num_sites(typed)
@@ -85,11 +85,14 @@ def config_error_message(exc: BaseException) -> str:
         options = [
             line.strip()
             for line in text.split("Available options")[-1].splitlines()[1:]
-            if line.startswith("\t") and not line.strip().endswith(SCHEMA_SUFFIX) and "provider=" not in line
+            if line.startswith("\t")
+            and not line.strip().endswith(SCHEMA_SUFFIX)
+            and "provider=" not in line
         ]
         if wanted and "/" in wanted.group(1):
             group, option = wanted.group(1).rsplit("/", 1)
-            return f"config error: {group}={option} is not an option; choose one of: {', '.join(options)}"
+            choices = ", ".join(options)
+            return f"config error: {group}={option} is not an option; choose one of: {choices}"
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     if isinstance(cause, OmegaConfBaseException):
         full_key = getattr(cause, "full_key", None) or ""
@@ -97,8 +100,7 @@ def config_error_message(exc: BaseException) -> str:
         allowed = _schema_fields(getattr(cause, "object_type", None))
         if "not in" in message or "Missing key" in message or "not in struct" in message:
             parent = full_key.rsplit(".", 1)[0] if "." in full_key else "the top level"
-            return (
-                f"config error: unknown key '{full_key}'; allowed keys in {parent}: {', '.join(allowed)}"
-            )
+            keys = ", ".join(allowed)
+            return f"config error: unknown key '{full_key}'; allowed keys in {parent}: {keys}"
         return f"config error: {full_key}: {message}"
     return f"config error: {str(exc).splitlines()[0]}"

@@ -32,6 +32,10 @@ def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
     return wins / (total_pos * total_neg)
 
 
+def _sum_histograms(histograms: list[np.ndarray | None]) -> np.ndarray:
+    return np.sum([h for h in histograms if h is not None], axis=0)
+
+
 @dataclass
 class EvalStats:
     """Sufficient statistics of one evaluation; ``merge`` sums them across sites."""
@@ -63,8 +67,8 @@ class EvalStats:
             num_examples=sum(p.num_examples for p in parts),
             loss_sum=sum(p.loss_sum for p in parts),
             correct=sum(p.correct for p in parts),
-            hist_pos=np.sum([p.hist_pos for p in parts], axis=0) if binary and parts else None,
-            hist_neg=np.sum([p.hist_neg for p in parts], axis=0) if binary and parts else None,
+            hist_pos=_sum_histograms([p.hist_pos for p in parts]) if binary and parts else None,
+            hist_neg=_sum_histograms([p.hist_neg for p in parts]) if binary and parts else None,
         )
 
     def to_metrics(self) -> dict[str, int | float | bytes]:

@@ -18,7 +18,11 @@ from fedmed.site import make_client_app
 # One CPU per simulated site: asking Ray for more CPUs than the machine has hangs.
 BACKEND_CONFIG: dict[str, Any] = {
     "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-    "init_args": {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR},
+    "init_args": {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+    },
 }
 
 

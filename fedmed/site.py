@@ -65,7 +65,10 @@ class HospitalSite(NumPyClient):
         model = self._model_with(parameters)
         server_round = int(config.get("server_round", 0))
         loader = make_loader(
-            self.data.x_train, self.data.y_train, self.cfg.model.batch_size, self.cfg.seed * 100_003 + server_round
+            self.data.x_train,
+            self.data.y_train,
+            self.cfg.model.batch_size,
+            self.cfg.seed * 100_003 + server_round,
         )
         loss = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
         delta = [new - old for new, old in zip(get_weights(model), parameters, strict=True)]
@@ -80,7 +83,9 @@ class HospitalSite(NumPyClient):
     ) -> tuple[float, int, dict[str, Any]]:
         """Evaluate the global model on this site's test split; only counts leave the site."""
         model = self._model_with(parameters)
-        stats = evaluate(model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes)
+        stats = evaluate(
+            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
+        )
         return stats.loss, stats.num_examples, {"site": self.name, **stats.to_metrics()}
 
 
@@ -97,8 +102,10 @@ def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
     raise ConfigError("node_config", dict(node_config), "a 'site' name or a 'partition-id'")
 
 
-def make_client_fn(resolve_config: Callable[[Context], FedMedConfig]) -> Callable[[Context], Client]:
-    """Build the ClientApp's client_fn; ``resolve_config`` says where the run's config comes from."""
+def make_client_fn(
+    resolve_config: Callable[[Context], FedMedConfig],
+) -> Callable[[Context], Client]:
+    """The ClientApp's client_fn; ``resolve_config`` says where the run's config comes from."""
 
     def client_fn(context: Context) -> Client:
         cfg = resolve_config(context)

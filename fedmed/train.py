@@ -46,10 +46,14 @@ def set_weights(model: nn.Module, arrays: list[np.ndarray]) -> None:
     keys = list(model.state_dict().keys())
     if len(keys) != len(arrays):
         raise ValueError(f"expected {len(keys)} arrays for this model, got {len(arrays)}")
-    model.load_state_dict({k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)})
+    model.load_state_dict(
+        {k: torch.from_numpy(np.asarray(a)) for k, a in zip(keys, arrays, strict=True)}
+    )
 
 
-def make_loader(x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool = True) -> DataLoader:
+def make_loader(
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, shuffle: bool = True
+) -> DataLoader:
     """A seeded DataLoader over in-memory arrays."""
     dataset = TensorDataset(torch.from_numpy(x), torch.from_numpy(y))
     generator = torch.Generator().manual_seed(seed)
@@ -71,7 +75,10 @@ def train_local(
     model.train()
     if optimizer is None:
         optimizer = torch.optim.SGD(
-            model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+            model.parameters(),
+            lr=settings.lr,
+            momentum=settings.momentum,
+            weight_decay=settings.weight_decay,
         )
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     epoch_loss = 0.0
@@ -83,7 +90,9 @@ def train_local(
             optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
             if anchor:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+                prox = sum(
+                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+                )
                 loss = loss + 0.5 * settings.proximal_mu * prox
             loss.backward()
             optimizer.step()
@@ -94,7 +103,9 @@ def train_local(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loss_fn: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int) -> EvalStats:
+def evaluate(
+    model: nn.Module, loss_fn: nn.Module, x: np.ndarray, y: np.ndarray, num_classes: int
+) -> EvalStats:
     """Loss sum, correct count and (binary tasks) margin histograms on one site's test split."""
     model.eval()
     if len(y) == 0:

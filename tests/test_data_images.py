@@ -179,7 +179,6 @@ def test_truncated_zip(tmp_path):
     npz_error(path)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: a plain .npy file raises TypeError, not DataError")
 def test_plain_npy_file(tmp_path):
     path = tmp_path / "images.npy"
     np.save(path, np.zeros((4, 28, 28), dtype=np.uint8))

@@ -228,7 +228,6 @@ def test_non_numeric_cell_line_number_without_header_row(tmp_path):
     assert "line 2" in message and "column 'b'" in message
 
 
-@pytest.mark.xfail(strict=True, reason="bug: blank lines are dropped before lines are numbered")
 def test_line_number_counts_blank_lines(tmp_path):
     path = tmp_path / "blank.csv"
     path.write_text("a,y\n1,0\n\n2,1\nx,0\n")  # 'x' is on line 5 of the file
@@ -275,7 +274,6 @@ def test_missing_file_via_load_site_csv(compose, tmp_path):
     assert "not found" in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: sklearn sites report num_classes=2 whatever the data")
 def test_sklearn_multiclass_loader_num_classes(compose):
     cfg = compose(
         "dataset=breast_cancer",

@@ -18,7 +18,9 @@ pytestmark = pytest.mark.slow
 
 def _superlink_pids(flwr_home: Path) -> list[int]:
     """PIDs of the detached local SuperLink that `flwr run` started under this FLWR_HOME."""
-    out = subprocess.run(["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True)
+    out = subprocess.run(
+        ["pgrep", "-f", f"flower-superlink.*{flwr_home}"], capture_output=True, text=True
+    )
     return [int(pid) for pid in out.stdout.split()]
 
 
@@ -57,11 +59,21 @@ def test_flwr_run_uses_the_same_apps(tmp_path: Path) -> None:
     try:
         proc = subprocess.run(
             [
-                flwr, "run", ".", "--stream",
-                "--federation-config", "num-supernodes=4",
-                "--run-config", f'overrides="federation.rounds=2" output-dir="{out_dir}"',
+                flwr,
+                "run",
+                ".",
+                "--stream",
+                "--federation-config",
+                "num-supernodes=4",
+                "--run-config",
+                f'overrides="federation.rounds=2" output-dir="{out_dir}"',
             ],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False,
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
         )
     finally:
         started = _superlink_pids(flwr_home)

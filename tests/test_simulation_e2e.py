@@ -20,7 +20,7 @@ BUNDLED = "bundled:heart_disease/processed"
 
 
 def _global_accuracy(overrides: list[str], state_dict: dict | None) -> float:
-    """Accuracy of a model (initial if state_dict is None) on the union of the sites' test splits."""
+    """Accuracy of a model (initial if state_dict is None) on the union of all test splits."""
     cfg = compose_config(overrides)
     sites = [load_site(cfg, i) for i in range(num_sites(cfg))]
     model = build_model(cfg.model.name, sites[0].schema, cfg.seed)
@@ -41,7 +41,10 @@ def test_heart_federation_trains_and_writes_outputs(tmp_path: Path) -> None:
     assert summary["status"] == "completed" and summary["failures"] == []
     assert [h["round"] for h in summary["history"]] == [1, 2, 3]
     assert set(summary["sites"]) == {"cleveland", "hungary", "switzerland", "va"}
-    assert summary["sites"]["cleveland"]["num_train"] + summary["sites"]["cleveland"]["num_test"] == 303
+    assert (
+        summary["sites"]["cleveland"]["num_train"] + summary["sites"]["cleveland"]["num_test"]
+        == 303
+    )
 
     initial = _global_accuracy(overrides, None)
     final = summary["global"]["accuracy"]
@@ -60,21 +63,30 @@ def test_heart_federation_trains_and_writes_outputs(tmp_path: Path) -> None:
 
 
 def _paths_with_missing_switzerland() -> str:
-    files = [f"{BUNDLED}.cleveland.data", f"{BUNDLED}.hungarian.data", "/nonexistent/switzerland.data",
-             f"{BUNDLED}.va.data"]
+    files = [
+        f"{BUNDLED}.cleveland.data",
+        f"{BUNDLED}.hungarian.data",
+        "/nonexistent/switzerland.data",
+        f"{BUNDLED}.va.data",
+    ]
     return f"dataset.paths=[{','.join(files)}]"
 
 
 def test_failing_site_is_reported_and_federation_continues(tmp_path: Path) -> None:
     proc = run_fedmed(
-        "simulate", "federation.rounds=2", _paths_with_missing_switzerland(), f"hydra.run.dir={tmp_path}"
+        "simulate",
+        "federation.rounds=2",
+        _paths_with_missing_switzerland(),
+        f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(tmp_path)
     assert summary["rounds_completed"] == 2
     failed = {(f["site"], f["round"]) for f in summary["failures"]}
     assert failed == {("switzerland", 1), ("switzerland", 2)}
-    assert all("/nonexistent/switzerland.data: file not found" in f["error"] for f in summary["failures"])
+    assert all(
+        "/nonexistent/switzerland.data: file not found" in f["error"] for f in summary["failures"]
+    )
     assert "switzerland" not in summary["sites"]
     assert "fit failed at switzerland" in proc.stdout
 

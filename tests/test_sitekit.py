@@ -14,7 +14,9 @@ from fedmed.sitekit import load_site_kit
 from tests.e2e import REPO
 
 
-def test_heart_kits_give_the_same_sites_as_the_bundled_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_heart_kits_give_the_same_sites_as_the_bundled_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.chdir(REPO)
     via_paths = compose_config(["dataset=heart"])
     via_kits = compose_config(["dataset=heart_kits"])
@@ -41,5 +43,5 @@ def test_unknown_kit_key_names_the_file_and_key(tmp_path: Path) -> None:
 
 
 def test_missing_kit_is_named(tmp_path: Path) -> None:
-    with pytest.raises(FedMedError, match="nope.yaml: file not found"):
+    with pytest.raises(FedMedError, match=r"nope\.yaml: file not found"):
         load_site_kit(tmp_path / "nope.yaml")

@@ -33,7 +33,9 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     model = build_model(cfg.model.name, data_schema(cfg), cfg.seed)
     initial = ndarrays_to_parameters(get_weights(model))
     strategy = FederatedStrategy(
-        build_strategy(cfg, total_sites, initial), recorder, min(cfg.federation.min_sites, total_sites)
+        build_strategy(cfg, total_sites, initial),
+        recorder,
+        min(cfg.federation.min_sites, total_sites),
     )
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy

@@ -73,7 +73,9 @@ class FederatedStrategy(Strategy):
         for _, res in results:
             if "site" in res.metrics:
                 self.recorder.record_fit(
-                    str(res.metrics["site"]), res.num_examples, float(res.metrics.get("train_loss", float("nan")))
+                    str(res.metrics["site"]),
+                    res.num_examples,
+                    float(res.metrics.get("train_loss", float("nan"))),
                 )
         if len(results) < self.min_sites:
             raise FederationStopped(
@@ -99,7 +101,8 @@ class FederatedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         self.recorder.record_failures(server_round, "evaluate", list(failures))
         per_site = {
-            str(res.metrics["site"]): EvalStats.from_metrics(dict(res.metrics)) for _, res in results
+            str(res.metrics["site"]): EvalStats.from_metrics(dict(res.metrics))
+            for _, res in results
         }
         if not per_site:
             return None, {}
@@ -109,5 +112,7 @@ class FederatedStrategy(Strategy):
             metrics["auc"] = record.auc
         return record.loss, metrics
 
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round, parameters)

@@ -18,7 +18,14 @@ from fedmed.config import FedMedConfig
 from fedmed.metrics import EvalStats
 
 METRICS_COLUMNS = (
-    "round", "site", "num_train", "train_loss", "num_test", "test_loss", "accuracy", "auc",
+    "round",
+    "site",
+    "num_train",
+    "train_loss",
+    "num_test",
+    "test_loss",
+    "accuracy",
+    "auc",
 )
 # SiteError text ("site 'NAME': problem") as it appears, possibly escaped, inside Flower's error
 _SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULTILINE)
@@ -81,10 +88,14 @@ class RunRecorder:
         self._fit_rows[site] = {"num_train": num_train, "train_loss": train_loss}
         self.sites.setdefault(site, {})["num_train"] = num_train
 
-    def record_failures(self, server_round: int, stage: str, failures: list[BaseException | Any]) -> None:
+    def record_failures(
+        self, server_round: int, stage: str, failures: list[BaseException | Any]
+    ) -> None:
         """Name the failed site from the error text (sites raise ``SiteError("site 'x': ...")``)."""
         for failure in failures:
-            site, message = site_error(str(failure) if isinstance(failure, BaseException) else repr(failure))
+            site, message = site_error(
+                str(failure) if isinstance(failure, BaseException) else repr(failure)
+            )
             self.failures.append(Failure(site, server_round, stage, message))
             print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
 
@@ -149,7 +160,13 @@ class RunRecorder:
                 "loss": last.loss if last else None,
             },
             "history": [
-                {"round": r.round, "accuracy": r.accuracy, "auc": r.auc, "loss": r.loss, "seconds": r.seconds}
+                {
+                    "round": r.round,
+                    "accuracy": r.accuracy,
+                    "auc": r.auc,
+                    "loss": r.loss,
+                    "seconds": r.seconds,
+                }
                 for r in self.history
             ],
             "sites": {name: dict(values) for name, values in sorted(self.sites.items())},
@@ -186,8 +203,9 @@ def plot_history(history: list[RoundRecord], path: Path, title: str) -> None:
     rounds = [r.round for r in history]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, [r.accuracy for r in history], marker="o", label="accuracy")
-    if all(r.auc is not None for r in history):
-        ax.plot(rounds, [r.auc for r in history], marker="s", label="AUC")
+    aucs = [r.auc for r in history if r.auc is not None]
+    if len(aucs) == len(history):
+        ax.plot(rounds, aucs, marker="s", label="AUC")
     ax.set_xlabel("round")
     ax.set_ylabel("global test metric")
     ax.set_ylim(0.0, 1.0)

@@ -3,4 +3,12 @@
 from fedmed.data.sources import data_schema, load_site, num_sites, resolve_path, site_names
 from fedmed.data.types import DataSchema, SiteData
 
-__all__ = ["DataSchema", "SiteData", "data_schema", "load_site", "num_sites", "resolve_path", "site_names"]
+__all__ = [
+    "DataSchema",
+    "SiteData",
+    "data_schema",
+    "load_site",
+    "num_sites",
+    "resolve_path",
+    "site_names",
+]

@@ -44,7 +44,9 @@ def _images(source: str, key: str, array: np.ndarray, channels: int | None) -> n
             raise DataError(source, f"'{key}' is floating point but not finite values in [0, 1]")
         scaled = array.astype(np.float32)
     else:
-        raise DataError(source, f"'{key}' has dtype {array.dtype}; expected uint8 or float in [0, 1]")
+        raise DataError(
+            source, f"'{key}' has dtype {array.dtype}; expected uint8 or float in [0, 1]"
+        )
     return np.ascontiguousarray(scaled.transpose(0, 3, 1, 2))
 
 
@@ -53,8 +55,9 @@ def _labels(source: str, key: str, array: np.ndarray, count: int) -> np.ndarray:
         array = array[:, 0]
     if array.ndim != 1 or array.shape[0] != count:
         raise DataError(
-            source, f"'{key}' has shape {array.shape}; expected ({count},) or ({count}, 1), "
-            "one label per image (multi-label sets are not supported)"
+            source,
+            f"'{key}' has shape {array.shape}; expected ({count},) or ({count}, 1), "
+            "one label per image (multi-label sets are not supported)",
         )
     if not np.issubdtype(array.dtype, np.integer):
         raise DataError(source, f"'{key}' has dtype {array.dtype}; expected integer class labels")
@@ -67,8 +70,18 @@ def load_medmnist(path: Path, num_classes: int | None, channels: int | None) -> 
     if not path.is_file():
         raise DataError(source, "file not found")
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in archive]
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise DataError(
+                source, "is a single .npy array; expected a MedMNIST-layout .npz archive"
+            )
+        with loaded as archive:
+            missing = [
+                f"{s}_{k}"
+                for s in SPLITS
+                for k in ("images", "labels")
+                if f"{s}_{k}" not in archive
+            ]
             if missing:
                 raise DataError(source, f"missing keys {missing}; found {sorted(archive.files)}")
             arrays = {key: archive[key] for key in archive.files if key.split("_")[0] in SPLITS}

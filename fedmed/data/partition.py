@@ -18,7 +18,7 @@ def stratified_split(
     test: list[np.ndarray] = []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
-        n_test = int(round(len(idx) * test_fraction))
+        n_test = round(len(idx) * test_fraction)
         if len(idx) >= 2:
             n_test = min(max(n_test, 1), len(idx) - 1)
         test.append(idx[:n_test])

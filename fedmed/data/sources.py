@@ -22,6 +22,7 @@ from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
 from fedmed.data.types import BUNDLED_PREFIX, DataSchema, SiteData
 from fedmed.errors import ConfigError
 from fedmed.sitekit import load_site_kit
+
 DEFAULT_NUM_SITES = 4
 
 
@@ -61,14 +62,15 @@ def num_sites(cfg: FedMedConfig) -> int:
             raise ConfigError(
                 "federation.num_sites",
                 requested,
-                f"{count} (or null): dataset={ds.name} has one site per file (dataset.paths / site_kits)",
+                f"{count} (or null): dataset={ds.name} has one site per file "
+                "(dataset.paths / dataset.site_kits)",
             )
         return count
     return requested if requested is not None else DEFAULT_NUM_SITES
 
 
 def site_names(cfg: FedMedConfig) -> list[str]:
-    """Hospital names for natural federations (from dataset.site_names or file names), else site-i."""
+    """Hospital names for natural federations (kits, site_names or file names), else site-i."""
     ds = cfg.dataset
     if _is_natural_federation(ds):
         assert isinstance(ds, TabularConfig)
@@ -91,7 +93,9 @@ def tabular_spec(ds: TabularConfig) -> TabularSpec:
     )
 
 
-def _tabular_site(name: str, table: Table, spec: TabularSpec, train: np.ndarray, test: np.ndarray) -> SiteData:
+def _tabular_site(
+    name: str, table: Table, spec: TabularSpec, train: np.ndarray, test: np.ndarray
+) -> SiteData:
     prep = SitePreprocessor.fit(table, spec, train)
     return SiteData(
         name=name,
@@ -113,12 +117,20 @@ def _sklearn_table(loader: str) -> Table:
     from sklearn import datasets
 
     bunch = getattr(datasets, loader)()
-    return Table(bunch.data.astype(np.float64), bunch.target.astype(np.int64), tuple(bunch.feature_names))
+    return Table(
+        bunch.data.astype(np.float64), bunch.target.astype(np.int64), tuple(bunch.feature_names)
+    )
 
 
 @functools.cache
 def _partition(
-    train_labels: bytes, test_labels: bytes, n: int, method: str, alpha: float, min_records: int, seed: int
+    train_labels: bytes,
+    test_labels: bytes,
+    n: int,
+    method: str,
+    alpha: float,
+    min_records: int,
+    seed: int,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return partition_train_test(
         np.frombuffer(train_labels, dtype=np.int64),
@@ -131,7 +143,9 @@ def _partition(
     )
 
 
-def _partition_for(cfg: FedMedConfig, y_train: np.ndarray, y_test: np.ndarray, index: int) -> tuple[np.ndarray, np.ndarray]:
+def _partition_for(
+    cfg: FedMedConfig, y_train: np.ndarray, y_test: np.ndarray, index: int
+) -> tuple[np.ndarray, np.ndarray]:
     ds = cfg.dataset
     train_parts, test_parts = _partition(
         y_train.tobytes(),
@@ -145,9 +159,15 @@ def _partition_for(cfg: FedMedConfig, y_train: np.ndarray, y_test: np.ndarray, i
     return train_parts[index], test_parts[index]
 
 
-def _load_partitioned_table(cfg: FedMedConfig, table: Table, spec: TabularSpec, index: int) -> SiteData:
-    train_all, test_all = stratified_split(table.labels, cfg.dataset.test_fraction, np.random.default_rng(cfg.seed))
-    train_part, test_part = _partition_for(cfg, table.labels[train_all], table.labels[test_all], index)
+def _load_partitioned_table(
+    cfg: FedMedConfig, table: Table, spec: TabularSpec, index: int
+) -> SiteData:
+    train_all, test_all = stratified_split(
+        table.labels, cfg.dataset.test_fraction, np.random.default_rng(cfg.seed)
+    )
+    train_part, test_part = _partition_for(
+        cfg, table.labels[train_all], table.labels[test_all], index
+    )
     return _tabular_site(f"site-{index}", table, spec, train_all[train_part], test_all[test_part])
 
 
@@ -163,8 +183,10 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
         assert ds.path is not None
         return _load_partitioned_table(cfg, _read_table_cached(ds.path, spec), spec, index)
     if isinstance(ds, SklearnConfig):
-        spec = TabularSpec(label="target", missing_indicators=False)
-        return _load_partitioned_table(cfg, _sklearn_table(ds.loader), spec, index)
+        table = _sklearn_table(ds.loader)
+        classes = tuple(range(int(table.labels.max()) + 1))
+        spec = TabularSpec(label="target", classes=classes, missing_indicators=False)
+        return _load_partitioned_table(cfg, table, spec, index)
     if isinstance(ds, ImageConfig):
         images = _load_images_cached(ds.path, ds.num_classes, ds.channels)
         train, test = _partition_for(cfg, images.y_train, images.y_test, index)
@@ -176,7 +198,9 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
             y_test=images.y_test[test],
             num_classes=images.num_classes,
         )
-    raise ConfigError("dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)")
+    raise ConfigError(
+        "dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)"
+    )
 
 
 @functools.cache
@@ -205,11 +229,15 @@ def data_schema(cfg: FedMedConfig) -> DataSchema:
         spec = tabular_spec(ds)
         first = site_files(ds)[0][0] if _is_natural_federation(ds) else str(ds.path)
         table = _read_table_cached(first, spec)
-        return DataSchema((SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes))
+        return DataSchema(
+            (SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes)
+        )
     if isinstance(ds, SklearnConfig):
         table = _sklearn_table(ds.loader)
         return DataSchema((table.features.shape[1],), int(table.labels.max()) + 1)
     if isinstance(ds, ImageConfig):
         images = _load_images_cached(ds.path, ds.num_classes, ds.channels)
         return DataSchema(tuple(images.x_train.shape[1:]), images.num_classes)
-    raise ConfigError("dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)")
+    raise ConfigError(
+        "dataset", ds.name, "a dataset config of a known kind (tabular, sklearn, image)"
+    )

@@ -36,29 +36,29 @@ class Table:
     feature_names: tuple[str, ...]
 
 
-def _read_rows(path: Path, spec: TabularSpec) -> tuple[list[str], list[list[str]]]:
+def _read_rows(path: Path, spec: TabularSpec) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and the non-blank data rows, each with its line number in the file."""
     if not path.is_file():
         raise DataError(str(path), "file not found")
     try:
         with path.open(newline="", encoding="utf-8") as handle:
-            rows = [row for row in csv.reader(handle) if any(cell.strip() for cell in row)]
+            reader = csv.reader(handle)
+            rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(str(path), f"not a readable UTF-8 CSV file ({exc})") from None
     if spec.header is None:
         if not rows:
             raise DataError(str(path), "file is empty (no header row)")
-        header, rows = [c.strip() for c in rows[0]], rows[1:]
+        header, rows = [c.strip() for c in rows[0][1]], rows[1:]
     else:
         header = list(spec.header)
     if not rows:
         raise DataError(str(path), "file has no data rows")
-    first_data_line = 1 if spec.header is not None else 2
-    for offset, row in enumerate(rows):
+    for line, row in rows:
         if len(row) != len(header):
             raise DataError(
                 str(path),
-                f"line {first_data_line + offset} has {len(row)} columns, expected {len(header)} "
-                f"({', '.join(header)})",
+                f"line {line} has {len(row)} columns, expected {len(header)} ({', '.join(header)})",
             )
     return header, rows
 
@@ -90,20 +90,18 @@ def read_table(path: Path, spec: TabularSpec) -> Table:
     label_idx = _column_index(path, header, spec.label, "label")
     names = spec.features or tuple(c for c in header if c != spec.label)
     feature_idx = [_column_index(path, header, name, "feature") for name in names]
-    first_line = 1 if spec.header is not None else 2
-
     matrix = np.array(
         [
-            [_parse_cell(path, row[i], first_line + r, header[i], spec) for i in feature_idx]
-            for r, row in enumerate(rows)
+            [_parse_cell(path, row[i], line, header[i], spec) for i in feature_idx]
+            for line, row in rows
         ],
         dtype=np.float64,
     )
     raw_labels = np.array(
-        [_parse_cell(path, row[label_idx], first_line + r, spec.label, spec) for r, row in enumerate(rows)]
+        [_parse_cell(path, row[label_idx], line, spec.label, spec) for line, row in rows]
     )
     if np.isnan(raw_labels).any():
-        line = first_line + int(np.flatnonzero(np.isnan(raw_labels))[0])
+        line = rows[int(np.flatnonzero(np.isnan(raw_labels))[0])][0]
         raise DataError(str(path), f"line {line}: label column '{spec.label}' is missing")
     if spec.binarize_above is not None:
         raw_labels = (raw_labels > spec.binarize_above).astype(np.float64)
@@ -143,7 +141,9 @@ class SitePreprocessor:
     def fit(cls, table: Table, spec: TabularSpec, rows: np.ndarray) -> SitePreprocessor:
         declared = dict(spec.categorical)
         categorical = tuple(
-            (i, tuple(declared[name])) for i, name in enumerate(table.feature_names) if name in declared
+            (i, tuple(declared[name]))
+            for i, name in enumerate(table.feature_names)
+            if name in declared
         )
         numeric = tuple(i for i, name in enumerate(table.feature_names) if name not in declared)
         train = table.features[rows][:, list(numeric)]

@@ -20,8 +20,10 @@ def build_model(name: ModelName, schema: DataSchema, seed: int) -> nn.Module:
     if name is ModelName.cnn:
         if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:
             raise ConfigError(
-                "model", name.value, f"svm or logreg: the data has shape {schema.input_shape}, "
-                "and the cnn needs square images (C, H, W)"
+                "model",
+                name.value,
+                f"svm or logreg: the data has shape {schema.input_shape}, "
+                "and the cnn needs square images (C, H, W)",
             )
         channels, size, _ = schema.input_shape
         return DiagnosisNet(channels, size, schema.num_classes)

@@ -1,4 +1,4 @@
-"""DiagnosisNet: the seeds' conv32 -> conv64 -> fc128 shape, with GroupNorm so Opacus can train it."""
+"""DiagnosisNet: the conv32 -> conv64 -> fc128 shape, with GroupNorm so Opacus can train it."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ class DiagnosisNet(nn.Module):
     gradient clipping (DP-SGD) cannot allow.
     """
 
-    def __init__(self, in_channels: int, image_size: int, num_classes: int, groups: int = 8) -> None:
+    def __init__(
+        self, in_channels: int, image_size: int, num_classes: int, groups: int = 8
+    ) -> None:
         super().__init__()
         reduced = image_size // 4
         self.features = nn.Sequential(
