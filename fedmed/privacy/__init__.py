@@ -1,0 +1,1 @@
+"""Site-side differential privacy: accounting, noise calibration and the signed privacy ledger."""

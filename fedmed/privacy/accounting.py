@@ -1,0 +1,66 @@
+"""Epsilon from recorded DP-SGD steps, always computed by Opacus' own accountants.
+
+A site's privacy spend is a list of (noise multiplier, sample rate, steps) records; the
+cumulative epsilon of any prefix is recomputed from the records, never carried forward from a
+log. Calibration is done once per run with Opacus' ``get_noise_multiplier``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import opacus
+from opacus.accountants import create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fedmed.errors import ConfigError
+
+ACCOUNTANTS = ("prv", "rdp", "gdp")
+
+
+@dataclass(frozen=True)
+class DPSteps:
+    """``steps`` Poisson-sampled Gaussian steps at one noise multiplier and sample rate."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+
+def _check_accountant(name: str) -> None:
+    if name not in ACCOUNTANTS:
+        raise ConfigError("privacy.accountant", name, f"one of {', '.join(ACCOUNTANTS)}")
+
+
+def accountant_label(name: str) -> str:
+    """Name and library version, as recorded in ledger entries."""
+    _check_accountant(name)
+    return f"opacus-{opacus.__version__}/{name}"
+
+
+def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str) -> float:
+    """Epsilon after all ``records`` (composed in order) at ``delta``; 0 for no records."""
+    _check_accountant(accountant)
+    active = [r for r in records if r.steps > 0]
+    if not active:
+        return 0.0
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in active]
+    return float(acc.get_epsilon(delta=delta))
+
+
+def calibrate_noise_multiplier(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> float:
+    """The smallest noise multiplier reaching ``target_epsilon`` after ``steps`` steps."""
+    _check_accountant(accountant)
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )
