@@ -49,8 +49,10 @@ def _alive(pid: int) -> bool:
 def test_flwr_run_uses_the_same_apps(tmp_path: Path) -> None:
     flwr_home = tmp_path / "flwr-home"
     out_dir = tmp_path / "out"
+    venv_bin = str(Path(sys.executable).parent)  # flwr starts `flower-superlink` from PATH
     env = {
         **os.environ,
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_HOME": str(flwr_home),
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
@@ -78,7 +80,7 @@ def test_flwr_run_uses_the_same_apps(tmp_path: Path) -> None:
     finally:
         started = _superlink_pids(flwr_home)
         _stop(started)
-    assert started, "flwr run did not start its own local SuperLink under FLWR_HOME"
+    assert started, f"flwr run started no SuperLink under FLWR_HOME:\n{proc.stdout[-2000:]}"
     assert not _superlink_pids(flwr_home)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = read_summary(out_dir)
