@@ -11,15 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+from common import REPO, mean_sd, run
 
 # (label, dataset/model overrides)
 COMPARISONS = [
@@ -43,32 +39,6 @@ PARTITIONS = [
         ],
     ),
 ]
-
-
-def run(command: str, overrides: list[str], workdir: Path) -> tuple[dict[str, Any], float]:
-    """Run one fedmed command; returns its summary and the wall time of the whole process."""
-    out = Path(tempfile.mkdtemp(dir=workdir))
-    started = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-m", "fedmed.cli", command, *overrides, f"hydra.run.dir={out}"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    wall = time.perf_counter() - started
-    if proc.returncode != 0:
-        raise SystemExit(
-            f"{command} {overrides} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
-        )
-    return json.loads((out / "summary.json").read_text()), wall
-
-
-def mean_sd(values: list[float]) -> dict[str, float]:
-    return {
-        "mean": statistics.fmean(values),
-        "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-    }
 
 
 def main() -> None:

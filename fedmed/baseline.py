@@ -15,8 +15,10 @@ import numpy as np
 from fedmed.config import BaselineConfig, BaselineMode, FedMedConfig
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.data import SiteData, load_site, num_sites
+from fedmed.errors import ConfigError
 from fedmed.metrics import EvalStats
 from fedmed.models import build_loss, build_model
+from fedmed.privacy.budget import dp_config
 from fedmed.train import TrainSettings, evaluate, make_loader, train_local
 
 
@@ -33,7 +35,7 @@ def _train_rounds(
     settings = TrainSettings.from_config(cfg)
     for server_round in range(1, cfg.federation.rounds + 1):
         loader = make_loader(x, y, cfg.model.batch_size, cfg.seed * 100_003 + server_round)
-        train_loss = train_local(model, loss_fn, loader, settings)
+        train_loss = train_local(model, loss_fn, loader, settings).loss
         stats = {
             site.name: evaluate(model, loss_fn, site.x_test, site.y_test, site.num_classes)
             for site in eval_sites
@@ -41,8 +43,14 @@ def _train_rounds(
         on_round(server_round, train_loss, stats)
 
 
+def _fit(site: SiteData, loss: float) -> dict[str, Any]:
+    return {"site": site.name, "train_loss": loss}
+
+
 def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
     """Train the baseline named by ``cfg.mode`` and write the same outputs as a federated run."""
+    if dp_config(cfg) is not None:
+        raise ConfigError("privacy", "dp", "none: baselines are the non-private references")
     sites = [load_site(cfg, i) for i in range(num_sites(cfg))]
     recorder = RunRecorder(cfg, output_dir, len(sites))
     recorder.extra.update({"mode": cfg.mode.value, "strategy": f"baseline-{cfg.mode.value}"})
@@ -52,7 +60,7 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
 
         def pooled_round(server_round: int, loss: float, stats: dict[str, EvalStats]) -> None:
             for site in sites:
-                recorder.record_fit(site.name, len(site.y_train), loss)
+                recorder.record_fit(server_round, len(site.y_train), _fit(site, loss))
             recorder.record_evaluation(server_round, stats)
             recorder.start_round()
 
@@ -65,7 +73,7 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
             def local_round(
                 server_round: int, loss: float, stats: dict[str, EvalStats], site: SiteData = site
             ) -> None:
-                recorder.record_fit(site.name, len(site.y_train), loss)
+                recorder.record_fit(server_round, len(site.y_train), _fit(site, loss))
                 per_round.setdefault(server_round, {}).update(stats)
 
             _train_rounds(cfg, site.x_train, site.y_train, [site], local_round)

@@ -44,11 +44,12 @@ def _run_task(task: Callable[[Any, Path], int]) -> Callable[[DictConfig], None]:
 
 
 def _simulate(cfg: Any, output_dir: Path) -> int:
+    from fedmed.coordinator.recorder import CLEAN_STATUSES
     from fedmed.simulation import simulate
 
     summary = simulate(cfg, output_dir)
     print_summary(summary, output_dir)
-    return 0 if summary["status"] == "completed" else 1
+    return 0 if summary["status"] in CLEAN_STATUSES else 1
 
 
 def _baseline(cfg: Any, output_dir: Path) -> int:
@@ -69,7 +70,30 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
         print(f"stopped: {summary['stop_reason']}")
     for failure in summary.get("failures", []):
         print(f"failure: round {failure['round']} site {failure['site']}: {failure['error']}")
+    print_privacy(summary)
     print(f"outputs: {output_dir} ({summary['wall_seconds']:.1f}s)")
+
+
+def print_privacy(summary: dict[str, Any]) -> None:
+    """One line per site: lifetime epsilon against its budget, declines, ledger."""
+    run = summary.get("privacy") or {}
+    if run.get("mechanism") in (None, "none"):
+        print("privacy: none (privacy=none: no differential privacy)")
+        return
+    acc = run["accountant"]
+    print(
+        f"privacy: DP-SGD, unit = {run['unit']}; accountant {acc['library']} {acc['version']} "
+        f"{acc['name']}; max_grad_norm {run['max_grad_norm']}"
+    )
+    for name, site in summary["sites"].items():
+        p = site.get("privacy")
+        if not p:
+            continue
+        declined = f", declined rounds {p['declined_rounds']}" if p["declined_rounds"] else ""
+        print(
+            f"  {name}: epsilon {p['epsilon']:.4f} of budget {p['budget_epsilon']:g} "
+            f"(delta {p['delta']:g}){declined}; ledger {p['ledger']}"
+        )
 
 
 COMMANDS: dict[str, tuple[str, Callable[[Any, Path], int]]] = {

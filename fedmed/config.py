@@ -40,6 +40,22 @@ class StrategyName(Enum):
     fedyogi = "fedyogi"
 
 
+class Accountant(Enum):
+    """Opacus accountants; PRV is the tightest, RDP the classic, GDP the asymptotic one."""
+
+    prv = "prv"
+    rdp = "rdp"
+    gdp = "gdp"
+
+
+class ClippingMode(Enum):
+    """How Opacus gets per-sample gradient norms (privacy accounting is identical for all)."""
+
+    ghost = "ghost"
+    hooks = "hooks"
+    functorch = "functorch"
+
+
 class BaselineMode(Enum):
     """Non-federated reference trainings."""
 
@@ -137,9 +153,31 @@ class FederationConfig:
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy at each site (``none`` until DP-SGD is configured)."""
+    """Differential privacy at each site: ``none`` (this schema) or ``dp`` (DpConfig)."""
 
     name: str = "none"
+
+
+@dataclass
+class DpConfig(PrivacyConfig):
+    """DP-SGD at every site (Opacus: Poisson sampling, per-sample clipping, Gaussian noise).
+
+    The noise comes from ``noise_multiplier`` or, when that is null, is calibrated once per
+    run at each site so that the planned rounds x local epochs reach ``target_epsilon``.
+    ``budget_epsilon`` is the lifetime budget of sites whose kit states none (null: the
+    run's ``target_epsilon``). Ledgers go to ``ledger_dir`` (persisting budgets across runs)
+    or, when null, to the run directory.
+    """
+
+    name: str = "dp"
+    target_epsilon: float | None = 1.0
+    delta: float = 1e-3
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: Accountant = Accountant.prv
+    budget_epsilon: float | None = None
+    ledger_dir: str | None = None
+    clipping: ClippingMode = ClippingMode.ghost
 
 
 @dataclass
@@ -181,6 +219,7 @@ def register_schemas() -> None:
     store.store(group="strategy", name="strategy_schema", node=StrategyConfig)
     store.store(group="federation", name="federation_schema", node=FederationConfig)
     store.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
+    store.store(group="privacy", name="dp_schema", node=DpConfig)
     store.store(group="secagg", name="secagg_schema", node=SecAggConfig)
 
 
@@ -234,9 +273,59 @@ def validate(cfg: FedMedConfig) -> None:
     _require(0.0 <= m.momentum < 1.0, "model.momentum", m.momentum, "a number in [0, 1)")
     _require(m.weight_decay >= 0.0, "model.weight_decay", m.weight_decay, "a number >= 0")
 
+    if isinstance(cfg.privacy, DpConfig):
+        _validate_dp(cfg.privacy)
+
     s = cfg.strategy
     _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")
     _require(s.server_lr > 0.0, "strategy.server_lr", s.server_lr, "a number > 0")
     _require(0.0 <= s.beta1 < 1.0, "strategy.beta1", s.beta1, "a number in [0, 1)")
     _require(0.0 <= s.beta2 < 1.0, "strategy.beta2", s.beta2, "a number in [0, 1)")
     _require(s.tau > 0.0, "strategy.tau", s.tau, "a number > 0")
+
+
+def _validate_dp(p: DpConfig) -> None:
+    both = p.target_epsilon is not None and p.noise_multiplier is not None
+    _require(
+        not both,
+        "privacy.noise_multiplier",
+        p.noise_multiplier,
+        "null when privacy.target_epsilon is set (give one of the two; to fix the noise, "
+        "add privacy.target_epsilon=null)",
+    )
+    _require(
+        p.target_epsilon is not None or p.noise_multiplier is not None,
+        "privacy.target_epsilon",
+        p.target_epsilon,
+        "a number > 0 (or set privacy.noise_multiplier)",
+    )
+    for key, value in (
+        ("privacy.target_epsilon", p.target_epsilon),
+        ("privacy.budget_epsilon", p.budget_epsilon),
+    ):
+        _require(
+            value is None or (value > 0.0 and math.isfinite(value)),
+            key,
+            value,
+            "a finite number > 0",
+        )
+    _require(0.0 < p.delta < 1.0, "privacy.delta", p.delta, "a number in (0, 1)")
+    _require(
+        p.noise_multiplier is None or p.noise_multiplier > 0.0,
+        "privacy.noise_multiplier",
+        p.noise_multiplier,
+        "a number > 0",
+    )
+    _require(
+        p.max_grad_norm > 0.0 and math.isfinite(p.max_grad_norm),
+        "privacy.max_grad_norm",
+        p.max_grad_norm,
+        "a finite number > 0",
+    )
+    _require(
+        p.target_epsilon is not None or p.budget_epsilon is not None,
+        "privacy.budget_epsilon",
+        p.budget_epsilon,
+        "a number > 0: with an explicit privacy.noise_multiplier each site needs a lifetime "
+        "budget (or its kit's budget_epsilon)",
+    )

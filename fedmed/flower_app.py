@@ -17,6 +17,7 @@ from flwr.serverapp import ServerApp
 from fedmed.config import FedMedConfig
 from fedmed.configure import compose_config
 from fedmed.coordinator.app import run_coordinator
+from fedmed.coordinator.recorder import CLEAN_STATUSES
 from fedmed.site import make_client_fn
 
 OVERRIDES_KEY = "overrides"
@@ -28,6 +29,12 @@ def config_from_run_config(context: Context) -> FedMedConfig:
     return compose_config(shlex.split(str(context.run_config.get(OVERRIDES_KEY, ""))))
 
 
+def run_dir_from_run_config(context: Context) -> Path:
+    """The run's output folder (``output-dir``), absolute."""
+    folder = str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/flwr-run"))
+    return Path(folder).expanduser().resolve()
+
+
 server_app = ServerApp()
 
 
@@ -35,10 +42,11 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Coordinator entry point under ``flwr run``."""
     cfg = config_from_run_config(context)
-    output_dir = Path(str(context.run_config.get(OUTPUT_DIR_KEY, "outputs/flwr-run"))).expanduser()
-    summary = run_coordinator(grid, context, cfg, output_dir.resolve())
-    if summary["status"] != "completed":
+    summary = run_coordinator(grid, context, cfg, run_dir_from_run_config(context))
+    if summary["status"] not in CLEAN_STATUSES:
         raise RuntimeError(f"federation stopped: {summary['stop_reason']}")
 
 
-client_app = ClientApp(client_fn=make_client_fn(config_from_run_config))
+client_app = ClientApp(
+    client_fn=make_client_fn(config_from_run_config, run_dir_from_run_config, use_kit_ledger=True)
+)

@@ -11,8 +11,9 @@ from typing import Any
 
 from fedmed.config import FedMedConfig
 from fedmed.coordinator.app import make_server_app
-from fedmed.data import num_sites
-from fedmed.errors import FedMedError
+from fedmed.data import load_site, num_sites
+from fedmed.errors import FedMedError, SiteError
+from fedmed.privacy.budget import check_delta, dp_config, site_policy
 from fedmed.site import make_client_app
 
 # One CPU per simulated site: asking Ray for more CPUs than the machine has hangs.
@@ -36,8 +37,24 @@ def quiet_flower() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
 
+def check_privacy_setup(cfg: FedMedConfig, output_dir: Path) -> None:
+    """Refuse, before any training, a delta that some site's record count cannot support."""
+    if dp_config(cfg) is None:
+        return
+    problems = []
+    for index in range(num_sites(cfg)):
+        policy = site_policy(cfg, index, output_dir / "ledgers", use_kit_ledger=False)
+        try:
+            check_delta(policy.site, policy.delta, len(load_site(cfg, index).y_train))
+        except SiteError as err:
+            problems.append(str(err))
+    if problems:
+        raise FedMedError("; ".join(problems))
+
+
 def simulate(cfg: FedMedConfig, output_dir: Path) -> dict[str, Any]:
     """Run every round and return the summary written to ``output_dir/summary.json``."""
+    check_privacy_setup(cfg, output_dir)
     quiet_flower()
     from flwr.simulation import run_simulation
 
@@ -48,7 +65,7 @@ def simulate(cfg: FedMedConfig, output_dir: Path) -> dict[str, Any]:
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=make_server_app(cfg, output_dir),
-        client_app=make_client_app(cfg),
+        client_app=make_client_app(cfg, output_dir),
         num_supernodes=num_sites(cfg),
         backend_config=BACKEND_CONFIG,
     )

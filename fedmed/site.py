@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import gc
+import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -16,12 +19,40 @@ from fedmed.config import FedMedConfig
 from fedmed.data import load_site, site_names
 from fedmed.errors import ConfigError, SiteError
 from fedmed.models import build_loss, build_model
+from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
+from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
+from fedmed.provenance import code_version, config_hash
 from fedmed.train import TrainSettings, evaluate, get_weights, make_loader, set_weights, train_local
 
 T = TypeVar("T")
+log = logging.getLogger("fedmed.site")
 
 # Metric keys a site may send; nothing else leaves the site besides model arrays.
 FIT_METRIC_KEYS = ("site", "num_examples", "train_loss")
+# With privacy=dp: the site's accounting (never data), and the reason when it declines.
+PRIVACY_METRIC_KEYS = (
+    "epsilon",
+    "budget_epsilon",
+    "delta",
+    "noise_multiplier",
+    "sample_rate",
+    "steps",
+    "ledger",
+    "declined",
+)
+
+
+@dataclass(frozen=True)
+class SiteRuntime:
+    """Where a site runs: the Flower run, and where its ledger goes unless configured.
+
+    ``use_kit_ledger``: a deployed site keeps its ledger where its kit says; a simulated site
+    keeps it under the run directory (or ``privacy.ledger_dir``).
+    """
+
+    run_id: str
+    ledger_dir: Path
+    use_kit_ledger: bool
 
 
 def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -42,9 +73,10 @@ def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
 class HospitalSite(NumPyClient):
     """One hospital. Its data is loaded once per process; a fresh model is built every round."""
 
-    def __init__(self, cfg: FedMedConfig, index: int) -> None:
+    def __init__(self, cfg: FedMedConfig, index: int, runtime: SiteRuntime) -> None:
         self.cfg = cfg
         self.index = index
+        self.runtime = runtime
         self.name = site_names(cfg)[index]
         try:
             self.data = load_site(cfg, index)
@@ -62,20 +94,108 @@ class HospitalSite(NumPyClient):
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Train locally from the global model and return the delta (new - global)."""
-        model = self._model_with(parameters)
         server_round = int(config.get("server_round", 0))
+        if dp_config(self.cfg) is not None:
+            return self._fit_private(parameters, server_round)
+        model = self._model_with(parameters)
         loader = make_loader(
             self.data.x_train,
             self.data.y_train,
             self.cfg.model.batch_size,
             self.cfg.seed * 100_003 + server_round,
         )
-        loss = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
+        result = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
+        return self._update(model, parameters, {"train_loss": result.loss})
+
+    def _update(
+        self, model: Any, parameters: list[np.ndarray], metrics: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         delta = [new - old for new, old in zip(get_weights(model), parameters, strict=True)]
         del model
-        gc.collect()
+        gc.collect()  # Opacus hooks keep models alive in long-lived workers otherwise
         n = len(self.data.y_train)
-        return delta, n, {"site": self.name, "num_examples": n, "train_loss": loss}
+        return delta, n, {"site": self.name, "num_examples": n, **metrics}
+
+    def _fit_private(
+        self, parameters: list[np.ndarray], server_round: int
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """DP-SGD within the site's own lifetime budget; the ledger entry is durable first.
+
+        A round that would exceed the budget is declined: no training, an empty update with
+        the reason, whatever the coordinator asked.
+        """
+        dp = dp_config(self.cfg)
+        assert dp is not None
+        policy = site_policy(
+            self.cfg, self.index, self.runtime.ledger_dir, self.runtime.use_kit_ledger
+        )
+        n = len(self.data.y_train)
+        check_delta(self.name, policy.delta, n)
+        account = PrivacyAccount(policy)
+        run_hash = config_hash(self.cfg)
+        settings = TrainSettings.from_config(self.cfg)
+        sigma = dp.noise_multiplier or account.noise_multiplier_of_run(
+            self.runtime.run_id, run_hash
+        )
+        if sigma is None:
+            assert dp.target_epsilon is not None
+            sigma = calibrated_noise(
+                dp.target_epsilon,
+                policy.delta,
+                n,
+                settings.batch_size,
+                settings.epochs,
+                self.cfg.federation.rounds,
+                policy.accountant,
+            )
+        plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
+        decision = account.decide(plan)
+        report = {
+            "budget_epsilon": policy.budget_epsilon,
+            "delta": policy.delta,
+            "noise_multiplier": sigma,
+            "sample_rate": plan.sample_rate,
+            "ledger": str(policy.ledger),
+        }
+        if not decision.train:
+            log.warning("site %s declines round %d: %s", self.name, server_round, decision.reason)
+            return (
+                [],
+                0,
+                {
+                    "site": self.name,
+                    "num_examples": 0,
+                    "epsilon": decision.epsilon_before,
+                    "steps": 0,
+                    "declined": decision.reason,
+                    **report,
+                },
+            )
+        model = self._model_with(parameters)
+        mechanism = DpSgdSettings(sigma, dp.max_grad_norm, dp.clipping.value, policy.accountant)
+        result = train_private(
+            model, self.loss_fn, self.data.x_train, self.data.y_train, settings, mechanism, plan
+        )
+        account.record(
+            plan,
+            decision.epsilon_after,
+            run_id=self.runtime.run_id,
+            server_round=server_round,
+            dataset_size=n,
+            max_grad_norm=dp.max_grad_norm,
+            config_hash=run_hash,
+            code_version=code_version(),
+        )
+        return self._update(
+            model,
+            parameters,
+            {
+                "train_loss": result.loss,
+                "epsilon": decision.epsilon_after,
+                "steps": plan.steps,
+                **report,
+            },
+        )
 
     @_site_errors
     def evaluate(
@@ -104,16 +224,23 @@ def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
 
 def make_client_fn(
     resolve_config: Callable[[Context], FedMedConfig],
+    resolve_run_dir: Callable[[Context], Path],
+    use_kit_ledger: bool,
 ) -> Callable[[Context], Client]:
-    """The ClientApp's client_fn; ``resolve_config`` says where the run's config comes from."""
+    """The ClientApp's client_fn; the resolvers say where the run's config and folder are."""
 
     def client_fn(context: Context) -> Client:
         cfg = resolve_config(context)
-        return HospitalSite(cfg, site_index(cfg, dict(context.node_config))).to_client()
+        runtime = SiteRuntime(
+            str(context.run_id), resolve_run_dir(context) / "ledgers", use_kit_ledger
+        )
+        return HospitalSite(cfg, site_index(cfg, dict(context.node_config)), runtime).to_client()
 
     return client_fn
 
 
-def make_client_app(cfg: FedMedConfig) -> ClientApp:
-    """ClientApp for an in-process simulation whose config is known up front."""
-    return ClientApp(client_fn=make_client_fn(lambda _context: cfg))
+def make_client_app(cfg: FedMedConfig, run_dir: Path) -> ClientApp:
+    """ClientApp for an in-process simulation whose config and run folder are known up front."""
+    return ClientApp(
+        client_fn=make_client_fn(lambda _c: cfg, lambda _c: run_dir, use_kit_ledger=False)
+    )

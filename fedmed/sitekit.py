@@ -25,11 +25,26 @@ class SiteDataSource:
 
 
 @dataclass
+class SiteKitPrivacy:
+    """The hospital's own privacy policy: a lifetime budget it enforces itself, and its ledger.
+
+    ``ledger`` is the JSON Lines file; the Ed25519 signing key defaults to ``<ledger>.key``
+    (mode 0600) and its public key to ``<ledger>.pub``, beside the ledger.
+    """
+
+    budget_epsilon: float | None = None
+    delta: float | None = None
+    ledger: str | None = None
+    signing_key: str | None = None
+
+
+@dataclass
 class SiteKit:
     """What one hospital's IT team fills in."""
 
     name: str = "???"
     data: SiteDataSource = field(default_factory=SiteDataSource)
+    privacy: SiteKitPrivacy = field(default_factory=SiteKitPrivacy)
     coordinator: str = "127.0.0.1:9092"
 
 
@@ -45,6 +60,16 @@ def load_site_kit(path: str | Path) -> SiteKit:
         key = getattr(exc, "full_key", "") or "?"
         raise FedMedError(f"site kit {kit_path}: key '{key}': {str(exc).splitlines()[0]}") from None
     assert isinstance(kit, SiteKit)
-    if not kit.data.path.startswith(BUNDLED_PREFIX) and not Path(kit.data.path).is_absolute():
-        kit.data.path = str((kit_path.parent / kit.data.path).resolve())
+    if not kit.data.path.startswith(BUNDLED_PREFIX):
+        kit.data.path = _beside(kit_path, kit.data.path)
+    if kit.privacy.ledger is not None:
+        kit.privacy.ledger = _beside(kit_path, kit.privacy.ledger)
+    if kit.privacy.signing_key is not None:
+        kit.privacy.signing_key = _beside(kit_path, kit.privacy.signing_key)
     return kit
+
+
+def _beside(kit_path: Path, path: str) -> str:
+    """``path`` made absolute, relative paths being read from the kit's folder."""
+    resolved = Path(path).expanduser()
+    return str(resolved if resolved.is_absolute() else (kit_path.parent / resolved).resolve())

@@ -60,17 +60,30 @@ def make_loader(
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
 
 
+@dataclass(frozen=True)
+class TrainResult:
+    """Mean training loss of the last epoch and the optimizer steps taken."""
+
+    loss: float
+    steps: int
+
+
 def train_local(
     model: nn.Module,
     loss_fn: nn.Module,
     loader: DataLoader,
     settings: TrainSettings,
     optimizer: torch.optim.Optimizer | None = None,
-) -> float:
-    """Run ``settings.epochs`` epochs of SGD; returns the mean training loss of the last epoch.
+    *,
+    private: bool = False,
+) -> TrainResult:
+    """Run ``settings.epochs`` epochs of SGD over ``loader``.
 
-    With ``proximal_mu > 0`` (FedProx) the loss adds mu/2 * ||w - w_start||^2, anchoring the
-    site to the global model it started from.
+    With ``proximal_mu > 0`` (FedProx) the site is anchored to the global model it started
+    from by mu/2 * ||w - w_start||^2. Non-private training adds it to the loss; with DP-SGD
+    (``private=True``) it is applied as a separate data-independent step after each noisy
+    update, because Opacus clips only per-sample gradients. DP-SGD also steps on the empty
+    batches Poisson sampling produces: each one adds noise and is a step of the mechanism.
     """
     model.train()
     if optimizer is None:
@@ -81,25 +94,38 @@ def train_local(
             weight_decay=settings.weight_decay,
         )
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
-    epoch_loss = 0.0
+    epoch_loss, steps = 0.0, 0
     for _ in range(settings.epochs):
         total, count = 0.0, 0
         for xb, yb in loader:
-            if len(yb) == 0:
+            if len(yb) == 0 and not private:
                 continue
             optimizer.zero_grad()
             loss = loss_fn(model(xb), yb)
-            if anchor:
-                prox = sum(
-                    ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
-                )
-                loss = loss + 0.5 * settings.proximal_mu * prox
+            if anchor and not private:
+                loss = loss + 0.5 * settings.proximal_mu * _squared_distance(model, anchor)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach()) * len(yb)
-            count += len(yb)
+            steps += 1
+            if anchor and private:
+                _proximal_step(model, anchor, settings.lr * settings.proximal_mu)
+            if len(yb):
+                total += float(loss.detach()) * len(yb)
+                count += len(yb)
         epoch_loss = total / max(count, 1)
-    return epoch_loss
+    return TrainResult(epoch_loss, steps)
+
+
+def _squared_distance(model: nn.Module, anchor: list[torch.Tensor]) -> torch.Tensor:
+    return sum(  # type: ignore[return-value]
+        ((p - a) ** 2).sum() for p, a in zip(model.parameters(), anchor, strict=True)
+    )
+
+
+@torch.no_grad()
+def _proximal_step(model: nn.Module, anchor: list[torch.Tensor], rate: float) -> None:
+    for p, a in zip(model.parameters(), anchor, strict=True):
+        p.sub_(rate * (p - a))
 
 
 @torch.no_grad()

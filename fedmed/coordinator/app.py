@@ -43,7 +43,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     try:
         DefaultWorkflow()(grid, legacy)
     except FederationStopped as stop:
-        recorder.stop(str(stop))
+        recorder.stop(str(stop), stop.status)
     finally:
         if strategy.global_weights is not None:
             set_weights(model, strategy.global_weights)

@@ -29,7 +29,15 @@ from fedmed.metrics import EvalStats
 
 
 class FederationStopped(RuntimeError):
-    """Raised to end the run early (e.g. fewer than federation.min_sites sites answered)."""
+    """Raised to end the run early: fewer than federation.min_sites sites sent an update.
+
+    ``status`` is ``budget_exhausted`` when enough sites answered but some declined for their
+    privacy budget (a clean end), ``stopped`` when sites failed.
+    """
+
+    def __init__(self, message: str, status: str = "stopped") -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class FederatedStrategy(Strategy):
@@ -70,19 +78,20 @@ class FederatedStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         self.recorder.record_failures(server_round, "fit", list(failures))
-        for _, res in results:
-            if "site" in res.metrics:
-                self.recorder.record_fit(
-                    str(res.metrics["site"]),
-                    res.num_examples,
-                    float(res.metrics.get("train_loss", float("nan"))),
-                )
-        if len(results) < self.min_sites:
+        trained = []
+        for proxy, res in results:
+            self.recorder.record_fit(server_round, res.num_examples, dict(res.metrics))
+            if "declined" not in res.metrics:
+                trained.append((proxy, res))
+        if len(trained) < self.min_sites:
+            declined = len(results) - len(trained)
             raise FederationStopped(
-                f"round {server_round}: {len(results)} site(s) returned an update, fewer than "
-                f"federation.min_sites={self.min_sites}"
+                f"round {server_round}: {len(trained)} site(s) returned an update "
+                f"({declined} declined for their privacy budget, {len(failures)} failed), "
+                f"fewer than federation.min_sites={self.min_sites}",
+                status="budget_exhausted" if declined and not failures else "stopped",
             )
-        converted = [(proxy, self._as_weights(res)) for proxy, res in results]
+        converted = [(proxy, self._as_weights(res)) for proxy, res in trained]
         parameters, metrics = self.inner.aggregate_fit(server_round, converted, failures)
         if parameters is not None:
             self.global_weights = parameters_to_ndarrays(parameters)

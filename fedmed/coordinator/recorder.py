@@ -1,7 +1,7 @@
 """What the coordinator learns during a run, printed per round and written to the run directory.
 
 Files: ``metrics.csv`` (one row per round and site), ``summary.json`` (keys other tools read)
-and ``accuracy.png``.
+and ``accuracy.png``; with DP also ``privacy_report.md`` and ``epsilon.png``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.config import FedMedConfig
+from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.metrics import EvalStats
+
+# A run that ended because sites' privacy budgets ran out ended as designed.
+CLEAN_STATUSES = ("completed", "budget_exhausted")
 
 METRICS_COLUMNS = (
     "round",
@@ -26,6 +30,7 @@ METRICS_COLUMNS = (
     "test_loss",
     "accuracy",
     "auc",
+    "epsilon",
 )
 # SiteError text ("site 'NAME': problem") as it appears, possibly escaped, inside Flower's error
 _SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULTILINE)
@@ -76,16 +81,30 @@ class RunRecorder:
     status: str = "running"
     stop_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    privacy: PrivacyLog = field(init=False)
     _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
     _round_started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.privacy = PrivacyLog(self.cfg)
 
     def start_round(self) -> None:
         self._round_started = time.perf_counter()
         self._fit_rows = {}
 
-    def record_fit(self, site: str, num_train: int, train_loss: float) -> None:
-        self._fit_rows[site] = {"num_train": num_train, "train_loss": train_loss}
+    def record_fit(self, server_round: int, num_train: int, metrics: dict[str, Any]) -> None:
+        """A site's fit answer: an update, or a decline with the site's reason."""
+        site = str(metrics.get("site", "unknown"))
+        self.privacy.record(server_round, site, metrics)
+        if metrics.get("declined"):
+            print(f"round {server_round:>3} | {site} declined: {metrics['declined']}", flush=True)
+            return
+        self._fit_rows[site] = {
+            "num_train": num_train,
+            "train_loss": float(metrics.get("train_loss", float("nan"))),
+            "epsilon": metrics.get("epsilon"),
+        }
         self.sites.setdefault(site, {})["num_train"] = num_train
 
     def record_failures(
@@ -112,6 +131,7 @@ class RunRecorder:
                 "test_loss": stats.loss,
                 "accuracy": stats.accuracy,
                 "auc": stats.auc,
+                "epsilon": fit.get("epsilon"),
             }
             self.site_rows.append(row)
             self.sites.setdefault(site, {}).update(
@@ -128,18 +148,20 @@ class RunRecorder:
         )
         self.history.append(record)
         auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
+        eps = self.privacy.max_epsilon(server_round)
+        eps_text = f" | max site epsilon {eps:.3f}" if eps is not None else ""
         print(
             f"round {server_round:>3}/{self.cfg.federation.rounds} | loss {record.loss:.4f} | "
-            f"accuracy {record.accuracy:.4f} | auc {auc} | sites {record.sites} | "
+            f"accuracy {record.accuracy:.4f} | auc {auc} | sites {record.sites}{eps_text} | "
             f"{record.seconds:.1f}s",
             flush=True,
         )
         return record
 
-    def stop(self, reason: str) -> None:
-        self.status = "stopped"
+    def stop(self, reason: str, status: str = "stopped") -> None:
+        self.status = status
         self.stop_reason = reason
-        print(f"federation stopped: {reason}", flush=True)
+        print(f"federation {status.replace('_', ' ')}: {reason}", flush=True)
 
     # ------------------------------------------------------------------ outputs
     def summary(self) -> dict[str, Any]:
@@ -169,7 +191,11 @@ class RunRecorder:
                 }
                 for r in self.history
             ],
-            "sites": {name: dict(values) for name, values in sorted(self.sites.items())},
+            "privacy": self.privacy.run_summary(),
+            "sites": {
+                name: {**self.sites.get(name, {}), "privacy": self.privacy.site_summary(name)}
+                for name in sorted(set(self.sites) | set(self.privacy.sites))
+            },
             "failures": [asdict(f) for f in self.failures],
             "wall_seconds": time.perf_counter() - self._started,
             **self.extra,
@@ -186,6 +212,7 @@ class RunRecorder:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.history:
             plot_history(self.history, self.output_dir / "accuracy.png", title=_title(self.cfg))
+        self.privacy.write(self.output_dir)
         return summary
 
 

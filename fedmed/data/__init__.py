@@ -1,6 +1,13 @@
 """Site data: bundled real datasets, generic CSV / MedMNIST loaders, site-local preprocessing."""
 
-from fedmed.data.sources import data_schema, load_site, num_sites, resolve_path, site_names
+from fedmed.data.sources import (
+    data_schema,
+    load_site,
+    num_sites,
+    resolve_path,
+    site_kit,
+    site_names,
+)
 from fedmed.data.types import DataSchema, SiteData
 
 __all__ = [
@@ -10,5 +17,6 @@ __all__ = [
     "load_site",
     "num_sites",
     "resolve_path",
+    "site_kit",
     "site_names",
 ]

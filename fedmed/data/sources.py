@@ -21,7 +21,7 @@ from fedmed.data.partition import partition_train_test, stratified_split
 from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
 from fedmed.data.types import BUNDLED_PREFIX, DataSchema, SiteData
 from fedmed.errors import ConfigError
-from fedmed.sitekit import load_site_kit
+from fedmed.sitekit import SiteKit, load_site_kit
 
 DEFAULT_NUM_SITES = 4
 
@@ -39,15 +39,23 @@ def _is_natural_federation(ds: DatasetConfig) -> bool:
 
 
 @functools.cache
-def _kit_files(kits: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    loaded = [load_site_kit(k) for k in kits]
-    return [k.data.path for k in loaded], [k.name for k in loaded]
+def _load_kits(kits: tuple[str, ...]) -> tuple[SiteKit, ...]:
+    return tuple(load_site_kit(k) for k in kits)
+
+
+def site_kit(cfg: FedMedConfig, index: int) -> SiteKit | None:
+    """The hospital's kit when the federation is read through site kits, else None."""
+    ds = cfg.dataset
+    if isinstance(ds, TabularConfig) and ds.site_kits:
+        return _load_kits(tuple(ds.site_kits))[index]
+    return None
 
 
 def site_files(ds: TabularConfig) -> tuple[list[str], list[str]]:
     """(data path, site name) per hospital, from dataset.site_kits or dataset.paths."""
     if ds.site_kits:
-        return _kit_files(tuple(ds.site_kits))
+        kits = _load_kits(tuple(ds.site_kits))
+        return [k.data.path for k in kits], [k.name for k in kits]
     return list(ds.paths), list(ds.site_names) or [resolve_path(p).stem for p in ds.paths]
 
 

@@ -33,20 +33,30 @@ def _check_accountant(name: str) -> None:
         raise ConfigError("privacy.accountant", name, f"one of {', '.join(ACCOUNTANTS)}")
 
 
-def accountant_label(name: str) -> str:
-    """Name and library version, as recorded in ledger entries."""
+def accountant_record(name: str) -> dict[str, str]:
+    """Accountant name, library and version, as recorded in ledger entries."""
     _check_accountant(name)
-    return f"opacus-{opacus.__version__}/{name}"
+    return {"name": name, "library": "opacus", "version": opacus.__version__}
+
+
+def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
+    """Opacus history: steps summed per (noise multiplier, sample rate), the same composition."""
+    steps: dict[tuple[float, float], int] = {}
+    for r in records:
+        if r.steps > 0:
+            key = (r.noise_multiplier, r.sample_rate)
+            steps[key] = steps.get(key, 0) + r.steps
+    return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
 def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str) -> float:
-    """Epsilon after all ``records`` (composed in order) at ``delta``; 0 for no records."""
+    """Epsilon after composing all ``records`` at ``delta``; 0 for no records."""
     _check_accountant(accountant)
-    active = [r for r in records if r.steps > 0]
-    if not active:
+    history = _merged(records)
+    if not history:
         return 0.0
     acc = create_accountant(mechanism=accountant)
-    acc.history = [(r.noise_multiplier, r.sample_rate, r.steps) for r in active]
+    acc.history = history
     return float(acc.get_epsilon(delta=delta))
 
 

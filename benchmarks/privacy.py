@@ -1,0 +1,214 @@
+"""Issue-3 measurements: DP-SGD utility at each site's epsilon, utility vs epsilon, DP step cost.
+
+Every federated number comes from a real `fedmed simulate` run (Ray simulation engine, bundled
+real data, the site's own Opacus DP-SGD and ledger). Usage:
+
+    python benchmarks/privacy.py [--seeds 0 1 2] [--only heart pneumonia sweep epoch]
+    python benchmarks/privacy.py --quick        # tiny sizes, proves the script still works
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import RESULTS, mean_sd, run, run_cli
+
+HEART_DP = ["dataset=heart", "privacy=dp", "privacy.target_epsilon=1.0", "privacy.delta=1e-3"]
+HEART_DP += ["secagg=off"]
+PNEUMONIA = ["dataset=pneumonia", "model=cnn", "federation.num_sites=4", "dataset.partition=iid"]
+PNEUMONIA_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4"]
+SWEEP = "+epsilon=eps0_5,eps1,eps2,eps4,eps8,none"
+SWEEP_EPSILON = {"eps0_5": 0.5, "eps1": 1.0, "eps2": 2.0, "eps4": 4.0, "eps8": 8.0}
+
+
+def _max_epsilon(summary: dict[str, Any]) -> float | None:
+    values = [s["privacy"]["epsilon"] for s in summary["sites"].values() if s.get("privacy")]
+    return max(values) if values else None
+
+
+def _federated(overrides: list[str], seeds: list[int], workdir: Path) -> dict[str, Any]:
+    accs, aucs, eps = [], [], []
+    for seed in seeds:
+        summary, _ = run("simulate", [*overrides, f"seed={seed}"], workdir)
+        accs.append(summary["global"]["accuracy"])
+        aucs.append(summary["global"]["auc"])
+        eps.append(_max_epsilon(summary))
+    row = {
+        "accuracy": mean_sd(accs),
+        "auc": mean_sd(aucs),
+        "per_seed_accuracy": accs,
+        "per_seed_auc": aucs,
+        "max_site_epsilon": eps,
+    }
+    print(f"{overrides}: acc {row['accuracy']} auc {row['auc']} eps {eps}", flush=True)
+    return row
+
+
+def heart(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+    return {
+        m: _federated([*HEART_DP, f"model={m}", *extra], seeds, workdir) for m in ("svm", "logreg")
+    }
+
+
+def pneumonia(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+    return {
+        "dp_eps3": _federated([*PNEUMONIA, *PNEUMONIA_DP, *extra], seeds, workdir),
+        "non_private": _federated([*PNEUMONIA, *extra], seeds, workdir),
+    }
+
+
+def sweep(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+    """One ``--multirun`` over epsilon (and seeds), then a plot of accuracy/AUC vs epsilon."""
+    sweep_dir = workdir / "sweep"
+    seed_list = ",".join(str(s) for s in seeds)
+    args = ["--multirun", "dataset=heart", "model=svm", SWEEP, f"seed={seed_list}", *extra]
+    run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
+    by_level: dict[str, dict[str, list[float]]] = {}
+    for summary_path in sorted(sweep_dir.glob("*/summary.json")):
+        overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
+        level = next(lv for lv in [*SWEEP_EPSILON, "none"] if f"+epsilon={lv}\n" in overrides)
+        summary = json.loads(summary_path.read_text())
+        cell = by_level.setdefault(level, {"accuracy": [], "auc": [], "max_site_epsilon": []})
+        cell["accuracy"].append(summary["global"]["accuracy"])
+        cell["auc"].append(summary["global"]["auc"])
+        cell["max_site_epsilon"].append(_max_epsilon(summary) or float("inf"))
+    rows = {
+        level: {
+            "target_epsilon": SWEEP_EPSILON.get(level),
+            "accuracy": mean_sd(cell["accuracy"]),
+            "auc": mean_sd(cell["auc"]),
+            "max_site_epsilon": max(cell["max_site_epsilon"]),
+            "runs": len(cell["accuracy"]),
+        }
+        for level, cell in by_level.items()
+    }
+    print(json.dumps(rows, indent=1), flush=True)
+    return {"command": f"fedmed simulate {' '.join(args)}", "levels": rows}
+
+
+def plot_sweep(rows: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in SWEEP_EPSILON if lv in rows]
+    xs = [SWEEP_EPSILON[lv] for lv in levels]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for metric, marker in (("accuracy", "o"), ("auc", "s")):
+        ys = [rows[lv][metric]["mean"] for lv in levels]
+        err = [rows[lv][metric]["sd"] for lv in levels]
+        line = ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=metric)
+        if "none" in rows:
+            ax.axhline(
+                rows["none"][metric]["mean"],
+                linestyle="--",
+                color=line[0].get_color(),
+                label=f"{metric}, no DP",
+            )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel("target epsilon per site (delta = 1e-3)")
+    ax.set_ylabel("global test metric")
+    ax.set_title("heart disease, svm, 4 hospitals: utility vs epsilon")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, Any]:
+    """Median epoch time of plain SGD and DP-SGD (ghost, hooks) at one site, alternating."""
+    from fedmed.configure import compose_config
+    from fedmed.data import load_site
+    from fedmed.models import build_loss, build_model
+    from fedmed.privacy.dp_sgd import DpSgdSettings, make_private_training
+    from fedmed.train import TrainSettings, make_loader, train_local
+
+    cfg = compose_config(overrides)
+    site = load_site(cfg, 0)
+    x, y = (site.x_train[:64], site.y_train[:64]) if quick else (site.x_train, site.y_train)
+    settings = TrainSettings.from_config(cfg)
+    loss_fn = build_loss(cfg.model.name)
+
+    def one_epoch(mode: str | None) -> float:
+        model = build_model(cfg.model.name, site.schema, 0)
+        started = time.perf_counter()
+        if mode is None:
+            train_local(model, loss_fn, make_loader(x, y, settings.batch_size, 0), settings)
+        else:
+            dp = DpSgdSettings(1.0, 1.0, mode, "prv")
+            p = make_private_training(model, loss_fn, x, y, settings, dp)
+            train_local(p.model, p.loss_fn, p.loader, settings, p.optimizer, private=True)
+        return time.perf_counter() - started
+
+    modes = {"plain": None, "dp ghost": "ghost", "dp hooks": "hooks"}
+    seconds: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(repeats):
+        for name, mode in modes.items():
+            seconds[name].append(one_epoch(mode))
+    medians = {name: statistics.median(values) for name, values in seconds.items()}
+    return {
+        "records": len(y),
+        "batch_size": settings.batch_size,
+        "median_seconds": medians,
+        "ratio_to_plain": {n: medians[n] / medians["plain"] for n in medians},
+    }
+
+
+def epoch_times(repeats: int, quick: bool) -> dict[str, Any]:
+    """DP-SGD vs non-private epoch time, side by side in this process.
+
+    Same data, model, batch size and optimiser; the runs alternate so both see the same
+    machine state. One torch thread, as in a simulated site (Ray gives each one CPU). The
+    DP time includes Opacus' wrapping of the model, as every round pays it.
+    """
+    torch.set_num_threads(1)
+    cases = {"pneumonia cnn": PNEUMONIA, "heart svm": ["dataset=heart", "model=svm"]}
+    results = {label: _epoch_case(o, repeats, quick) for label, o in cases.items()}
+    print(json.dumps(results, indent=1), flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--only", nargs="+", default=["heart", "pneumonia", "sweep", "epoch"],
+        choices=["heart", "pneumonia", "sweep", "epoch"],
+    )  # fmt: skip
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed")
+    parser.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
+    args = parser.parse_args()
+    seeds = [0] if args.quick else args.seeds
+    extra = ["federation.rounds=2"] if args.quick else []
+    results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+    results["seeds"] = seeds
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        if "heart" in args.only:
+            results["heart_eps1"] = heart(seeds, extra, workdir)
+        if "pneumonia" in args.only:
+            results["pneumonia"] = pneumonia(seeds, extra, workdir)
+        if "sweep" in args.only:
+            results["utility_vs_epsilon"] = sweep(seeds, extra, workdir)
+            if not args.quick:
+                plot_sweep(
+                    results["utility_vs_epsilon"]["levels"], RESULTS / "utility_vs_epsilon.png"
+                )
+        if "epoch" in args.only:
+            results["epoch_time"] = epoch_times(1 if args.quick else 5, args.quick)
+    if not args.quick:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

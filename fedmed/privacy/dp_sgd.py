@@ -1,0 +1,144 @@
+"""DP-SGD for one site and one round, with Opacus: Poisson sampling, clipping, Gaussian noise.
+
+A fresh PrivacyEngine wraps a fresh model every round (re-wrapping a model raises in Opacus).
+The batch sampling and the noise draw from generators seeded with fresh OS randomness, never
+from the run's public seed: whoever knows the seed (the coordinator does) must not be able to
+replay the noise. The steps Opacus' own accountant saw are checked against the plan the site
+accounted for, so the ledger can never under-count.
+"""
+
+from __future__ import annotations
+
+import functools
+import secrets
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.data_loader import DPDataLoader
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
+from fedmed.train import TrainResult, TrainSettings, make_loader, train_local
+
+
+@dataclass(frozen=True)
+class DpSgdSettings:
+    """The mechanism's parameters for one site and round."""
+
+    noise_multiplier: float
+    max_grad_norm: float
+    clipping: str  # Opacus grad_sample_mode: "ghost", "hooks" or "functorch"
+    accountant: str
+
+
+def poisson_plan(num_records: int, batch_size: int, epochs: int, sigma: float) -> DPSteps:
+    """The sample rate and step count Opacus' Poisson loader will use for one round."""
+    plain = make_loader(
+        np.zeros((num_records, 1), dtype=np.float32),
+        np.zeros(num_records, dtype=np.int64),
+        batch_size,
+        seed=0,
+    )
+    poisson = DPDataLoader.from_data_loader(plain)
+    return DPSteps(sigma, poisson.sample_rate, epochs * len(poisson))
+
+
+@functools.lru_cache(maxsize=64)
+def calibrated_noise(
+    target_epsilon: float,
+    delta: float,
+    num_records: int,
+    batch_size: int,
+    epochs: int,
+    rounds: int,
+    accountant: str,
+) -> float:
+    """Noise reaching ``target_epsilon`` after every planned round; computed once per process."""
+    plan = poisson_plan(num_records, batch_size, epochs, sigma=0.0)
+    return calibrate_noise_multiplier(
+        target_epsilon, delta, plan.sample_rate, plan.steps * rounds, accountant
+    )
+
+
+def _secret_generator() -> torch.Generator:
+    return torch.Generator().manual_seed(secrets.randbits(63))
+
+
+@dataclass
+class PrivateTraining:
+    """Opacus' wrapped model, optimizer, loss and Poisson loader, and its accountant."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    loader: DataLoader
+    engine: PrivacyEngine
+
+
+def make_private_training(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    dp: DpSgdSettings,
+    rng: torch.Generator | None = None,
+) -> PrivateTraining:
+    """Wrap a fresh model for DP-SGD. ``rng`` (tests only) replaces the secret generators."""
+    optimizer = torch.optim.SGD(
+        model.parameters(),
+        lr=settings.lr,
+        momentum=settings.momentum,
+        weight_decay=settings.weight_decay,
+    )
+    loader = make_loader(x, y, settings.batch_size, seed=0)
+    loader.generator = rng or _secret_generator()  # Opacus' Poisson sampler inherits it
+    engine = PrivacyEngine(accountant=dp.accountant)
+    extra = {"criterion": loss_fn} if dp.clipping == "ghost" else {}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        wrapped = engine.make_private(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=dp.noise_multiplier,
+            max_grad_norm=dp.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=rng or _secret_generator(),
+            grad_sample_mode=dp.clipping,
+            **extra,
+        )
+    if dp.clipping == "ghost":
+        private_model, private_optimizer, private_loss, private_loader = wrapped
+    else:
+        private_model, private_optimizer, private_loader = wrapped
+        private_loss = loss_fn
+    return PrivateTraining(private_model, private_optimizer, private_loss, private_loader, engine)
+
+
+def train_private(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    settings: TrainSettings,
+    dp: DpSgdSettings,
+    plan: DPSteps,
+) -> TrainResult:
+    """Train ``model`` in place with DP-SGD for one round of ``plan.steps`` steps.
+
+    Read the weights from ``model`` itself afterwards: Opacus' wrapper shares its parameters
+    but prefixes their names with ``_module.``.
+    """
+    private = make_private_training(model, loss_fn, x, y, settings, dp)
+    result = train_local(
+        private.model, private.loss_fn, private.loader, settings, private.optimizer, private=True
+    )
+    spent = [DPSteps(sigma, q, n) for sigma, q, n in private.engine.accountant.history]
+    if spent != [plan]:
+        raise RuntimeError(f"DP-SGD took {spent}, not the accounted plan {plan}")
+    return result
