@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedmed-installed
-DEMO_DIR ?= outputs/demo
+# A fresh folder per demo: a simulated site's ledger (its spent budget) lives in the run folder.
+DEMO_DIR ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: demo test lint setup
 
@@ -18,7 +19,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/fedmed simulate dataset=heart model=svm hydra.run.dir=$(DEMO_DIR)
+	$(BIN)/fedmed simulate dataset=heart_kits model=svm privacy=dp privacy.target_epsilon=1.0 \
+		hydra.run.dir=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15

@@ -23,7 +23,7 @@ from common import RESULTS, mean_sd, run, run_cli
 HEART_DP = ["dataset=heart", "privacy=dp", "privacy.target_epsilon=1.0", "privacy.delta=1e-3"]
 HEART_DP += ["secagg=off"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "federation.num_sites=4", "dataset.partition=iid"]
-PNEUMONIA_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4"]
+PNEUMONIA_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4", "model.lr=0.02"]
 SWEEP = "+epsilon=eps0_5,eps1,eps2,eps4,eps8,none"
 SWEEP_EPSILON = {"eps0_5": 0.5, "eps1": 1.0, "eps2": 2.0, "eps4": 4.0, "eps8": 8.0}
 
@@ -191,15 +191,14 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     extra = ["federation.rounds=2"] if args.quick else []
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
-    results["seeds"] = seeds
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if "heart" in args.only:
-            results["heart_eps1"] = heart(seeds, extra, workdir)
+            results["heart_eps1"] = {"seeds": seeds, **heart(seeds, extra, workdir)}
         if "pneumonia" in args.only:
-            results["pneumonia"] = pneumonia(seeds, extra, workdir)
+            results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir)}
         if "sweep" in args.only:
-            results["utility_vs_epsilon"] = sweep(seeds, extra, workdir)
+            results["utility_vs_epsilon"] = {"seeds": seeds, **sweep(seeds, extra, workdir)}
             if not args.quick:
                 plot_sweep(
                     results["utility_vs_epsilon"]["levels"], RESULTS / "utility_vs_epsilon.png"

@@ -165,7 +165,7 @@ class HospitalSite(NumPyClient):
                 {
                     "site": self.name,
                     "num_examples": 0,
-                    "epsilon": decision.epsilon_before,
+                    "epsilon": decision.epsilon,
                     "steps": 0,
                     "declined": decision.reason,
                     **report,
@@ -178,7 +178,7 @@ class HospitalSite(NumPyClient):
         )
         account.record(
             plan,
-            decision.epsilon_after,
+            decision.epsilon,
             run_id=self.runtime.run_id,
             server_round=server_round,
             dataset_size=n,
@@ -191,7 +191,7 @@ class HospitalSite(NumPyClient):
             parameters,
             {
                 "train_loss": result.loss,
-                "epsilon": decision.epsilon_after,
+                "epsilon": decision.epsilon,
                 "steps": plan.steps,
                 **report,
             },

@@ -209,7 +209,9 @@ def test_train_local_returns_finite_decreasing_loss(compose):
     model = build_model(cfg.model.name, site.schema, 0)
     loss_fn = build_loss(cfg.model.name)
     settings = TrainSettings.from_config(cfg)
-    first = train_local(model, loss_fn, make_loader(site.x_train, site.y_train, 16, 0), settings).loss
-    later = train_local(model, loss_fn, make_loader(site.x_train, site.y_train, 16, 0), settings).loss
+    first = train_local(model, loss_fn, make_loader(site.x_train, site.y_train, 16, 0), settings)
+    later = train_local(model, loss_fn, make_loader(site.x_train, site.y_train, 16, 0), settings)
+    assert first.steps == later.steps == -(-len(site.y_train) // 16)
+    first, later = first.loss, later.loss
     assert np.isfinite(first) and np.isfinite(later)
     assert later < first

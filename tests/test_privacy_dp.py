@@ -114,9 +114,7 @@ def test_noise_of_one_step_has_std_noise_multiplier_times_max_grad_norm(
     assert abs(noise.mean()) < 5 * expected / np.sqrt(n)
 
 
-def _site(
-    cfg: FedMedConfig, index: int, tmp_path: Path, run_id: str = "run-1"
-) -> HospitalSite:
+def _site(cfg: FedMedConfig, index: int, tmp_path: Path, run_id: str = "run-1") -> HospitalSite:
     return HospitalSite(cfg, index, SiteRuntime(run_id, tmp_path / "ledgers", False))
 
 
@@ -156,8 +154,9 @@ def test_each_model_trains_privately_and_the_ledger_epsilon_recomputes(
         plan = poisson_plan(n, cfg.model.batch_size, 1, entry["noise_multiplier"])
         assert (entry["sample_rate"], entry["steps"]) == (plan.sample_rate, plan.steps)
         assert entry["dataset_size"] == n and entry["mechanism"] == "dp_sgd_poisson_gaussian"
+        records = [DPSteps(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries]
         recomputed = cumulative_epsilon(
-            [DPSteps(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries[: i + 1]],
+            records[: i + 1],
             entry["delta"],
             entry["accountant"]["name"],
         )

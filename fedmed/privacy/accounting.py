@@ -7,7 +7,9 @@ log. Calibration is done once per run with Opacus' ``get_noise_multiplier``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import opacus
@@ -26,6 +28,14 @@ class DPSteps:
     noise_multiplier: float
     sample_rate: float
     steps: int
+
+
+@contextmanager
+def _quiet_rdp_orders() -> Iterator[None]:
+    """PRV bounds its domain with RDP, which warns when its best order is the largest one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
+        yield
 
 
 def _check_accountant(name: str) -> None:
@@ -57,7 +67,8 @@ def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str
         return 0.0
     acc = create_accountant(mechanism=accountant)
     acc.history = history
-    return float(acc.get_epsilon(delta=delta))
+    with _quiet_rdp_orders():
+        return float(acc.get_epsilon(delta=delta))
 
 
 def calibrate_noise_multiplier(
@@ -65,12 +76,12 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier reaching ``target_epsilon`` after ``steps`` steps."""
     _check_accountant(accountant)
-    return float(
-        get_noise_multiplier(
+    with _quiet_rdp_orders():
+        sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
             sample_rate=sample_rate,
             steps=steps,
             accountant=accountant,
         )
-    )
+    return float(sigma)

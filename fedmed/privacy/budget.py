@@ -101,11 +101,14 @@ def check_delta(site: str, delta: float, dataset_size: int) -> None:
 
 @dataclass(frozen=True)
 class RoundDecision:
-    """Whether the site trains this round, and the lifetime epsilon it would reach."""
+    """Whether the site trains this round, and its lifetime epsilon after the decision.
+
+    ``epsilon`` is the epsilon after this round when the site trains, and the unchanged
+    current epsilon when it declines (``reason`` then says why).
+    """
 
     train: bool
-    epsilon_before: float
-    epsilon_after: float
+    epsilon: float
     reason: str = ""
 
 
@@ -143,15 +146,14 @@ class PrivacyAccount:
 
     def decide(self, planned: DPSteps) -> RoundDecision:
         """Train only if the epsilon after this round stays within the lifetime budget."""
-        before = self.epsilon()
         after = self.epsilon(planned)
         if after <= self.policy.budget_epsilon:
-            return RoundDecision(True, before, after)
+            return RoundDecision(True, after)
+        now = self.epsilon()
         return RoundDecision(
             False,
-            before,
-            after,
-            f"privacy budget: this round would take epsilon from {before:.4f} to "
+            now,
+            f"privacy budget: this round would take epsilon from {now:.4f} to "
             f"{after:.4f}, above the site's lifetime budget {self.policy.budget_epsilon:g} "
             f"(delta={self.policy.delta:g})",
         )

@@ -135,9 +135,17 @@ def train_private(
     but prefixes their names with ``_module.``.
     """
     private = make_private_training(model, loss_fn, x, y, settings, dp)
-    result = train_local(
-        private.model, private.loss_fn, private.loader, settings, private.optimizer, private=True
-    )
+    with warnings.catch_warnings():
+        # Opacus' hooks fire on module outputs when the input needs no gradient: expected.
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        result = train_local(
+            private.model,
+            private.loss_fn,
+            private.loader,
+            settings,
+            private.optimizer,
+            private=True,
+        )
     spent = [DPSteps(sigma, q, n) for sigma, q, n in private.engine.accountant.history]
     if spent != [plan]:
         raise RuntimeError(f"DP-SGD took {spent}, not the accounted plan {plan}")
