@@ -15,6 +15,9 @@ from omegaconf import MISSING
 
 from fedmed.errors import ConfigError
 
+# SecAgg+ masks and sums live modulo 2^32 (Flower's default modulus_range).
+MODULUS_RANGE = 2**32
+
 
 class Partition(Enum):
     """How a single data source is split across simulated sites."""
@@ -151,6 +154,11 @@ class FederationConfig:
     local_epochs: int = 1
 
 
+def sites_per_round(fed: FederationConfig, total_sites: int) -> int:
+    """Sites sampled per round: ``fraction`` of them rounded up, at least ``min_sites``."""
+    return min(total_sites, max(fed.min_sites, math.ceil(fed.fraction * total_sites)))
+
+
 @dataclass
 class PrivacyConfig:
     """Differential privacy at each site: ``none`` (this schema) or ``dp`` (DpConfig)."""
@@ -182,9 +190,29 @@ class DpConfig(PrivacyConfig):
 
 @dataclass
 class SecAggConfig:
-    """Secure aggregation of site updates (``off`` until SecAgg+ is configured)."""
+    """Secure aggregation of site updates: ``off`` (this schema) or ``secaggplus``."""
 
     name: str = "off"
+
+
+@dataclass
+class SecAggPlusConfig(SecAggConfig):
+    """Flower's SecAgg+: the coordinator only ever sees the masked sum of the site updates.
+
+    Each site splits its secret into ``num_shares`` shares (null: one per sampled site);
+    ``reconstruction_threshold`` of them (null: two thirds, rounded up) rebuild a dropped
+    site's mask, so the round survives while at least that many sites remain. Each update
+    value times num_examples / ``max_weight`` must lie in [-clipping_range, clipping_range];
+    it is quantized to ``quantization_range`` levels.
+    """
+
+    name: str = "secaggplus"
+    num_shares: int | None = None
+    reconstruction_threshold: int | None = None
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304  # 2**22
+    max_weight: float = 1000.0
+    timeout: float | None = None
 
 
 @dataclass
@@ -198,6 +226,9 @@ class FedMedConfig:
     federation: FederationConfig = MISSING
     privacy: PrivacyConfig = MISSING
     secagg: SecAggConfig = MISSING
+    # Testing: ["SITE:STAGE:ROUND", ...] makes SITE fail at STAGE of ROUND, as if it had
+    # dropped out (STAGE: fit, or a SecAgg+ stage).
+    inject_faults: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -221,6 +252,7 @@ def register_schemas() -> None:
     store.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
     store.store(group="privacy", name="dp_schema", node=DpConfig)
     store.store(group="secagg", name="secagg_schema", node=SecAggConfig)
+    store.store(group="secagg", name="secaggplus_schema", node=SecAggPlusConfig)
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -275,6 +307,10 @@ def validate(cfg: FedMedConfig) -> None:
 
     if isinstance(cfg.privacy, DpConfig):
         _validate_dp(cfg.privacy)
+    if isinstance(cfg.secagg, SecAggPlusConfig):
+        _validate_secagg(cfg.secagg)
+    for fault in cfg.inject_faults:
+        parse_fault(fault)
 
     s = cfg.strategy
     _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")
@@ -329,3 +365,58 @@ def _validate_dp(p: DpConfig) -> None:
         "a number > 0: with an explicit privacy.noise_multiplier each site needs a lifetime "
         "budget (or its kit's budget_epsilon)",
     )
+
+
+def _validate_secagg(sa: SecAggPlusConfig) -> None:
+    _require(
+        sa.num_shares is None or sa.num_shares >= 3,
+        "secagg.num_shares",
+        sa.num_shares,
+        "an integer >= 3 (or null: one share per sampled site)",
+    )
+    _require(
+        sa.reconstruction_threshold is None or sa.reconstruction_threshold >= 2,
+        "secagg.reconstruction_threshold",
+        sa.reconstruction_threshold,
+        "an integer >= 2 (or null: two thirds of the shares)",
+    )
+    _require(
+        sa.clipping_range > 0.0 and math.isfinite(sa.clipping_range),
+        "secagg.clipping_range",
+        sa.clipping_range,
+        "a finite number > 0",
+    )
+    _require(
+        2 <= sa.quantization_range < MODULUS_RANGE,
+        "secagg.quantization_range",
+        sa.quantization_range,
+        f"an integer in [2, 2^32) (masks live modulo {MODULUS_RANGE})",
+    )
+    _require(
+        sa.max_weight > 0.0 and math.isfinite(sa.max_weight),
+        "secagg.max_weight",
+        sa.max_weight,
+        "a finite number > 0",
+    )
+    _require(
+        sa.timeout is None or sa.timeout > 0,
+        "secagg.timeout",
+        sa.timeout,
+        "seconds > 0 (or null: wait for every reply)",
+    )
+
+
+FAULT_STAGES = ("fit", "setup", "share_keys", "collect_masked_vectors", "unmask")
+
+
+def parse_fault(fault: str) -> tuple[str, str, int]:
+    """``"SITE:STAGE:ROUND"`` -> (site, stage, round)."""
+    parts = fault.split(":")
+    ok = len(parts) == 3 and parts[1] in FAULT_STAGES and parts[2].isdigit()
+    _require(
+        ok,
+        "inject_faults",
+        fault,
+        f"entries SITE:STAGE:ROUND with STAGE one of {', '.join(FAULT_STAGES)}",
+    )
+    return parts[0], parts[1], int(parts[2])

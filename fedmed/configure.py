@@ -18,6 +18,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from fedmed.config import FedMedConfig, register_schemas, validate
 from fedmed.data import num_sites
 from fedmed.errors import ConfigError, FedMedError
+from fedmed.secure.params import resolve_secagg
 
 CONFIG_DIR_ENV = "FEDMED_CONFIG_DIR"
 SCHEMA_SUFFIX = "_schema"
@@ -41,7 +42,7 @@ def to_typed(cfg: DictConfig) -> FedMedConfig:
         raise ConfigError(str(exc.full_key), "???", "a value: this key is required") from None
     assert isinstance(typed, FedMedConfig)
     validate(typed)
-    num_sites(typed)
+    resolve_secagg(typed, num_sites(typed))
     return typed
 
 

@@ -10,7 +10,6 @@ import shlex
 from pathlib import Path
 
 from flwr.app import Context
-from flwr.clientapp import ClientApp
 from flwr.server import Grid
 from flwr.serverapp import ServerApp
 
@@ -18,7 +17,7 @@ from fedmed.config import FedMedConfig
 from fedmed.configure import compose_config
 from fedmed.coordinator.app import run_coordinator
 from fedmed.coordinator.recorder import CLEAN_STATUSES
-from fedmed.site import make_client_fn
+from fedmed.site import make_site_app
 
 OVERRIDES_KEY = "overrides"
 OUTPUT_DIR_KEY = "output-dir"
@@ -47,6 +46,4 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"federation stopped: {summary['stop_reason']}")
 
 
-client_app = ClientApp(
-    client_fn=make_client_fn(config_from_run_config, run_dir_from_run_config, use_kit_ledger=True)
-)
+client_app = make_site_app(config_from_run_config, run_dir_from_run_config, use_kit_ledger=True)

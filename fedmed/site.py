@@ -15,13 +15,19 @@ from flwr.app import Context
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
 
-from fedmed.config import FedMedConfig
-from fedmed.data import load_site, site_names
+from fedmed.config import FedMedConfig, parse_fault
+from fedmed.data import load_site, site_kit, site_names
 from fedmed.errors import ConfigError, SiteError
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
 from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
 from fedmed.provenance import code_version, config_hash
+from fedmed.secure.site_gate import (
+    SecureRound,
+    SiteIdentity,
+    make_secure_aggregation_mod,
+    secure_round,
+)
 from fedmed.train import TrainSettings, evaluate, get_weights, make_loader, set_weights, train_local
 
 T = TypeVar("T")
@@ -73,10 +79,17 @@ def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
 class HospitalSite(NumPyClient):
     """One hospital. Its data is loaded once per process; a fresh model is built every round."""
 
-    def __init__(self, cfg: FedMedConfig, index: int, runtime: SiteRuntime) -> None:
+    def __init__(
+        self,
+        cfg: FedMedConfig,
+        index: int,
+        runtime: SiteRuntime,
+        secure: SecureRound | None = None,
+    ) -> None:
         self.cfg = cfg
         self.index = index
         self.runtime = runtime
+        self.secure = secure
         self.name = site_names(cfg)[index]
         try:
             self.data = load_site(cfg, index)
@@ -105,14 +118,21 @@ class HospitalSite(NumPyClient):
             self.cfg.seed * 100_003 + server_round,
         )
         result = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
-        return self._update(model, parameters, {"train_loss": result.loss})
+        return self._release(self._delta(model, parameters), {"train_loss": result.loss})
 
-    def _update(
-        self, model: Any, parameters: list[np.ndarray], metrics: dict[str, Any]
-    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+    def _delta(self, model: Any, parameters: list[np.ndarray]) -> list[np.ndarray]:
+        """new - global, checked against the SecAgg+ range before anything is recorded."""
         delta = [new - old for new, old in zip(get_weights(model), parameters, strict=True)]
         del model
         gc.collect()  # Opacus hooks keep models alive in long-lived workers otherwise
+        if self.secure is not None:
+            self.secure.check_update(self.name, delta, len(self.data.y_train))
+        return delta
+
+    def _release(
+        self, delta: list[np.ndarray], metrics: dict[str, Any]
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """The update leaves the site here (masked by SecAgg+ when it is on)."""
         n = len(self.data.y_train)
         return delta, n, {"site": self.name, "num_examples": n, **metrics}
 
@@ -176,6 +196,7 @@ class HospitalSite(NumPyClient):
         result = train_private(
             model, self.loss_fn, self.data.x_train, self.data.y_train, settings, mechanism, plan
         )
+        delta = self._delta(model, parameters)
         account.record(
             plan,
             decision.epsilon,
@@ -186,9 +207,8 @@ class HospitalSite(NumPyClient):
             config_hash=run_hash,
             code_version=code_version(),
         )
-        return self._update(
-            model,
-            parameters,
+        return self._release(
+            delta,
             {
                 "train_loss": result.loss,
                 "epsilon": decision.epsilon,
@@ -234,13 +254,44 @@ def make_client_fn(
         runtime = SiteRuntime(
             str(context.run_id), resolve_run_dir(context) / "ledgers", use_kit_ledger
         )
-        return HospitalSite(cfg, site_index(cfg, dict(context.node_config)), runtime).to_client()
+        index = site_index(cfg, dict(context.node_config))
+        return HospitalSite(cfg, index, runtime, secure_round(context)).to_client()
 
     return client_fn
 
 
+def make_site_identifier(
+    resolve_config: Callable[[Context], FedMedConfig],
+) -> Callable[[Context], SiteIdentity]:
+    """Which site a context belongs to, whether its kit demands SecAgg+, its test faults."""
+
+    def identify(context: Context) -> SiteIdentity:
+        cfg = resolve_config(context)
+        index = site_index(cfg, dict(context.node_config))
+        name = site_names(cfg)[index]
+        kit = site_kit(cfg, index)
+        faults = tuple(
+            (stage, server_round)
+            for site, stage, server_round in map(parse_fault, cfg.inject_faults)
+            if site == name
+        )
+        return SiteIdentity(name, bool(kit and kit.require_secure_aggregation), faults)
+
+    return identify
+
+
+def make_site_app(
+    resolve_config: Callable[[Context], FedMedConfig],
+    resolve_run_dir: Callable[[Context], Path],
+    use_kit_ledger: bool,
+) -> ClientApp:
+    """The hospital ClientApp: the site behind its secure-aggregation gate."""
+    return ClientApp(
+        client_fn=make_client_fn(resolve_config, resolve_run_dir, use_kit_ledger),
+        mods=[make_secure_aggregation_mod(make_site_identifier(resolve_config))],
+    )
+
+
 def make_client_app(cfg: FedMedConfig, run_dir: Path) -> ClientApp:
     """ClientApp for an in-process simulation whose config and run folder are known up front."""
-    return ClientApp(
-        client_fn=make_client_fn(lambda _c: cfg, lambda _c: run_dir, use_kit_ledger=False)
-    )
+    return make_site_app(lambda _c: cfg, lambda _c: run_dir, use_kit_ledger=False)

@@ -45,6 +45,8 @@ class SiteKit:
     name: str = "???"
     data: SiteDataSource = field(default_factory=SiteDataSource)
     privacy: SiteKitPrivacy = field(default_factory=SiteKitPrivacy)
+    # True: the site refuses any training request that does not come through SecAgg+.
+    require_secure_aggregation: bool = False
     coordinator: str = "127.0.0.1:9092"
 
 

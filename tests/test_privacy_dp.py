@@ -205,7 +205,7 @@ def test_budget_is_never_overrun_and_no_update_leaves_unrecorded(
     )  # fmt: skip
     tmp = tmp_path_factory.mktemp("budget")
     site = _site(cfg, SWITZERLAND, tmp)
-    original_update = site._update
+    original_release = site._release
 
     sent_rounds = []
     for server_round in range(1, rounds + 1):
@@ -213,9 +213,9 @@ def test_budget_is_never_overrun_and_no_update_leaves_unrecorded(
         def update(*args: object, _round: int = server_round) -> object:
             if _round in crashes:
                 raise CrashAfterLedger(f"killed in round {_round}")
-            return original_update(*args)  # type: ignore[arg-type]
+            return original_release(*args)  # type: ignore[arg-type]
 
-        site._update = update  # type: ignore[method-assign]
+        site._release = update  # type: ignore[method-assign]
         try:
             _, n, metrics = _fit(site, server_round)
         except SiteError as err:

@@ -19,6 +19,8 @@ from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.data import data_schema, num_sites
 from fedmed.models import build_model
+from fedmed.secure.params import resolve_secagg
+from fedmed.secure.workflow import RecordedSecAggPlusWorkflow
 from fedmed.train import get_weights, set_weights
 
 GLOBAL_MODEL_FILE = "global_model.pt"
@@ -40,8 +42,13 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     legacy = LegacyContext(
         context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy
     )
+    secure = resolve_secagg(cfg, total_sites)
+    recorder.secure.params = secure
+    fit_workflow = (
+        RecordedSecAggPlusWorkflow(secure, strategy, recorder) if secure is not None else None
+    )
     try:
-        DefaultWorkflow()(grid, legacy)
+        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)
     finally:

@@ -48,6 +48,7 @@ class FederatedStrategy(Strategy):
         self.recorder = recorder
         self.min_sites = min_sites
         self.global_weights: list[np.ndarray] | None = None
+        self.last_aggregated_round = 0
 
     def __repr__(self) -> str:
         return f"FederatedStrategy({self.inner!r})"
@@ -91,8 +92,10 @@ class FederatedStrategy(Strategy):
                 f"fewer than federation.min_sites={self.min_sites}",
                 status="budget_exhausted" if declined and not failures else "stopped",
             )
+        self.recorder.secure.record_round([res.num_examples for _, res in trained])
         converted = [(proxy, self._as_weights(res)) for proxy, res in trained]
         parameters, metrics = self.inner.aggregate_fit(server_round, converted, failures)
+        self.last_aggregated_round = server_round
         if parameters is not None:
             self.global_weights = parameters_to_ndarrays(parameters)
         return parameters, metrics

@@ -16,6 +16,7 @@ from typing import Any
 
 from fedmed.config import FedMedConfig
 from fedmed.coordinator.privacy_log import PrivacyLog
+from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.metrics import EvalStats
 
 # A run that ended because sites' privacy budgets ran out ended as designed.
@@ -37,12 +38,19 @@ _SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULT
 
 
 def site_error(text: str) -> tuple[str, str]:
-    """(site, one-line message) from a failure Flower reports; the innermost SiteError wins."""
-    matches = _SITE_ERROR.findall(text.replace("\\'", "'"))
-    if not matches:
-        return "unknown", text.strip().splitlines()[-1] if text.strip() else repr(text)
-    site, message = matches[-1]
-    return site, f"site '{site}': {message.strip()}"
+    """(site, one-line message) from a failure Flower reports; the innermost SiteError wins.
+
+    Errors that do not come from a site's own check (e.g. inside Flower) are reduced to
+    their last line, at most 300 characters.
+    """
+    unescaped = text.replace("\\'", "'")
+    matches = _SITE_ERROR.findall(unescaped)
+    if matches:
+        site, message = matches[-1]
+        return site, f"site '{site}': {message.strip()}"
+    lines = [ln.strip(" '\">)") for ln in unescaped.replace("\\n", "\n").splitlines()]
+    last = next((ln for ln in reversed(lines) if ln), repr(text))
+    return "unknown", last[:300]
 
 
 @dataclass
@@ -82,6 +90,7 @@ class RunRecorder:
     stop_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     privacy: PrivacyLog = field(init=False)
+    secure: SecureAggregationLog = field(default_factory=SecureAggregationLog)
     _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
     _round_started: float = field(default_factory=time.perf_counter)
@@ -117,6 +126,14 @@ class RunRecorder:
             )
             self.failures.append(Failure(site, server_round, stage, message))
             print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
+
+    def record_dropout(self, server_round: int, site: str, stage: str) -> None:
+        self.secure.dropped.append(Dropout(server_round, site, stage))
+        print(f"round {server_round:>3} | {site} dropped out at SecAgg+ stage {stage}", flush=True)
+
+    def record_secure_round_failure(self, server_round: int, reason: str) -> None:
+        self.secure.failed_rounds.append({"round": server_round, "reason": reason})
+        print(f"round {server_round:>3} | {reason}", flush=True)
 
     def record_evaluation(self, server_round: int, per_site: dict[str, EvalStats]) -> RoundRecord:
         """Store per-site rows and the merged global metrics; print the round's progress line."""
@@ -192,6 +209,7 @@ class RunRecorder:
                 for r in self.history
             ],
             "privacy": self.privacy.run_summary(),
+            "secure_aggregation": self.secure.summary(),
             "sites": {
                 name: {**self.sites.get(name, {}), "privacy": self.privacy.site_summary(name)}
                 for name in sorted(set(self.sites) | set(self.privacy.sites))

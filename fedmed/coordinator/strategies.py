@@ -5,14 +5,13 @@ Flower's legacy strategies are the ones SecAgg+ (``SecAggPlusWorkflow``) can dri
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
 from flwr.common import Parameters
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
-from fedmed.config import FedMedConfig, StrategyName
+from fedmed.config import FedMedConfig, StrategyName, sites_per_round
 
 
 def _fit_config(server_round: int) -> dict[str, Any]:
@@ -27,13 +26,13 @@ def _no_metrics(_results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
 def build_strategy(cfg: FedMedConfig, num_sites: int, initial: Parameters) -> Strategy:
     """The inner aggregation rule, sampling ``federation.fraction`` of the sites per round."""
     fed = cfg.federation
-    per_round = max(fed.min_sites, math.ceil(fed.fraction * num_sites))
+    per_round = sites_per_round(fed, num_sites)
     common: dict[str, Any] = {
         "fraction_fit": fed.fraction,
         "fraction_evaluate": 1.0,
-        "min_fit_clients": min(per_round, num_sites),
+        "min_fit_clients": per_round,
         "min_evaluate_clients": min(fed.min_sites, num_sites),
-        "min_available_clients": min(per_round, num_sites),
+        "min_available_clients": per_round,
         "initial_parameters": initial,
         "on_fit_config_fn": _fit_config,
         "on_evaluate_config_fn": _fit_config,

@@ -1,0 +1,2 @@
+"""Secure aggregation glue: SecAgg+ parameters, the site-side gate and range check, and the
+coordinator's workflow that records dropouts."""

@@ -1,0 +1,139 @@
+"""The coordinator side of secure aggregation: Flower's SecAgg+ workflow, observed.
+
+``SecAggPlusWorkflow`` hands the strategy only the unmasked sum, but it reports dropouts and a
+failed round (fewer sites than the reconstruction threshold) only in its log. This subclass
+tells the run recorder which site dropped out at which stage, records a failed round, and
+stops the run when fewer than ``federation.min_sites`` sites remain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, cast
+
+from flwr.common import Message
+from flwr.server import Grid, LegacyContext
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+
+from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
+from fedmed.coordinator.recorder import RunRecorder
+from fedmed.secure.params import SecAggParams
+from fedmed.secure.site_gate import SITE_RECORD
+
+Stage = Callable[[Grid, LegacyContext, WorkflowState], bool]
+
+
+class NamingGrid:
+    """A Grid proxy that learns each node's site name from the replies that carry it."""
+
+    def __init__(self, grid: Grid, names: dict[int, str]) -> None:
+        self._grid = grid
+        self._names = names
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._grid, attr)
+
+    def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
+        for reply in replies:
+            if not reply.has_error() and SITE_RECORD in reply.content.config_records:
+                site = reply.content.config_records[SITE_RECORD]["site"]
+                self._names[reply.metadata.src_node_id] = str(site)
+        return replies
+
+
+class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """SecAgg+ whose dropouts and failed rounds land in the run's summary."""
+
+    def __init__(
+        self, params: SecAggParams, strategy: FederatedStrategy, recorder: RunRecorder
+    ) -> None:
+        threshold: int | float = params.reconstruction_threshold
+        if threshold == params.num_shares:
+            threshold = 1.0  # Flower: an int threshold must be < num_shares; 1.0 = all shares
+        super().__init__(
+            num_shares=params.num_shares,
+            reconstruction_threshold=threshold,
+            max_weight=params.max_weight,
+            clipping_range=params.clipping_range,
+            quantization_range=params.quantization_range,
+            timeout=params.timeout,
+        )
+        self.params = params
+        self.strategy = strategy
+        self.recorder = recorder
+        self.node_names: dict[int, str] = {}
+        self._survivors = 0
+
+    def __call__(self, grid: Grid, context: Any) -> None:
+        server_round = self._current_round(context)
+        super().__call__(NamingGrid(grid, self.node_names), context)  # type: ignore[arg-type]
+        if self.strategy.last_aggregated_round != server_round:
+            self._round_failed(server_round)
+
+    @staticmethod
+    def _current_round(context: LegacyContext) -> int:
+        record = context.state.config_records[MAIN_CONFIGS_RECORD]
+        return cast(int, record[WorkflowKey.CURRENT_ROUND])
+
+    def _observed(
+        self,
+        stage: str,
+        run_stage: Stage,
+        grid: Grid,
+        context: LegacyContext,
+        state: WorkflowState,
+    ) -> bool:
+        before = set(state.active_node_ids)
+        ok = run_stage(grid, context, state)
+        if stage == "setup":
+            before = set(state.sampled_node_ids)
+        if stage in ("setup", "share_keys"):
+            # A site that left before handing out its key shares is in nobody's masks; Flower
+            # 1.41 would still ask the others for its shares at unmask (and fail on them).
+            state.sampled_node_ids &= state.active_node_ids
+        server_round = self._current_round(context)
+        self.recorder.record_failures(server_round, stage, list(state.failures))
+        state.failures.clear()  # recorded here, with their stage; not again in aggregate_fit
+        for node in sorted(before - set(state.active_node_ids)):
+            self.recorder.record_dropout(server_round, self._name(node), stage)
+        self._survivors = len(state.active_node_ids)
+        return ok
+
+    def _name(self, node: int) -> str:
+        return self.node_names.get(node) or f"node {node}"
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observed("setup", super().setup_stage, grid, context, state)
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        return self._observed("share_keys", super().share_keys_stage, grid, context, state)
+
+    def collect_masked_vectors_stage(
+        self, grid: Grid, context: LegacyContext, state: WorkflowState
+    ) -> bool:
+        return self._observed(
+            "collect_masked_vectors", super().collect_masked_vectors_stage, grid, context, state
+        )
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        # If every survivor declined (weight 0) the unmasked "average" is not finite; the
+        # strategy then stops on the declines before it uses any parameters.
+        return self._observed("unmask", super().unmask_stage, grid, context, state)
+
+    def _round_failed(self, server_round: int) -> None:
+        """No aggregate this round: the global model stays; stop if too few sites remain."""
+        survivors = self._survivors
+        reason = (
+            f"round {server_round}: secure aggregation failed with {survivors} site(s) left, "
+            f"below the reconstruction threshold {self.params.reconstruction_threshold}; no "
+            "update (and no individual update) was revealed"
+        )
+        self.recorder.record_secure_round_failure(server_round, reason)
+        if survivors < self.strategy.min_sites:
+            raise FederationStopped(
+                f"{reason}; fewer than federation.min_sites={self.strategy.min_sites} remain"
+            )
