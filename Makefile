@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 demo: $(STAMP)
 	$(BIN)/fedmed simulate dataset=heart_kits model=svm privacy=dp privacy.target_epsilon=1.0 \
-		hydra.run.dir=$(DEMO_DIR)
+		secagg=secaggplus hydra.run.dir=$(DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -rs --durations=15

@@ -186,6 +186,9 @@ class DpConfig(PrivacyConfig):
     budget_epsilon: float | None = None
     ledger_dir: str | None = None
     clipping: ClippingMode = ClippingMode.ghost
+    # Simulation only: seed each site's sampling and noise (reproducible experiments).
+    # A deployed site refuses it: the coordinator could replay the noise.
+    noise_seed: int | None = None
 
 
 @dataclass

@@ -46,4 +46,4 @@ def main(grid: Grid, context: Context) -> None:
         raise RuntimeError(f"federation stopped: {summary['stop_reason']}")
 
 
-client_app = make_site_app(config_from_run_config, run_dir_from_run_config, use_kit_ledger=True)
+client_app = make_site_app(config_from_run_config, run_dir_from_run_config, deployed=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 from flwr.app import Context
 from flwr.client import Client, NumPyClient
 from flwr.clientapp import ClientApp
@@ -52,13 +54,14 @@ PRIVACY_METRIC_KEYS = (
 class SiteRuntime:
     """Where a site runs: the Flower run, and where its ledger goes unless configured.
 
-    ``use_kit_ledger``: a deployed site keeps its ledger where its kit says; a simulated site
-    keeps it under the run directory (or ``privacy.ledger_dir``).
+    ``deployed``: a deployed site keeps its ledger where its kit says and refuses
+    reproducible noise; a simulated site keeps its ledger under the run directory (or
+    ``privacy.ledger_dir``).
     """
 
     run_id: str
     ledger_dir: Path
-    use_kit_ledger: bool
+    deployed: bool
 
 
 def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -146,9 +149,7 @@ class HospitalSite(NumPyClient):
         """
         dp = dp_config(self.cfg)
         assert dp is not None
-        policy = site_policy(
-            self.cfg, self.index, self.runtime.ledger_dir, self.runtime.use_kit_ledger
-        )
+        policy = site_policy(self.cfg, self.index, self.runtime.ledger_dir, self.runtime.deployed)
         n = len(self.data.y_train)
         check_delta(self.name, policy.delta, n)
         account = PrivacyAccount(policy)
@@ -194,7 +195,14 @@ class HospitalSite(NumPyClient):
         model = self._model_with(parameters)
         mechanism = DpSgdSettings(sigma, dp.max_grad_norm, dp.clipping.value, policy.accountant)
         result = train_private(
-            model, self.loss_fn, self.data.x_train, self.data.y_train, settings, mechanism, plan
+            model,
+            self.loss_fn,
+            self.data.x_train,
+            self.data.y_train,
+            settings,
+            mechanism,
+            plan,
+            rng=self._reproducible_rng(dp.noise_seed, server_round),
         )
         delta = self._delta(model, parameters)
         account.record(
@@ -228,6 +236,24 @@ class HospitalSite(NumPyClient):
         )
         return stats.loss, stats.num_examples, {"site": self.name, **stats.to_metrics()}
 
+    def _reproducible_rng(
+        self, noise_seed: int | None, server_round: int
+    ) -> torch.Generator | None:
+        """Seeded sampling and noise for simulated experiments only; None: secret randomness.
+
+        A deployed site refuses: whoever knows the seed (the coordinator) could replay the
+        noise and subtract it from the site's update.
+        """
+        if noise_seed is None:
+            return None
+        if self.runtime.deployed:
+            raise SiteError(
+                self.name,
+                "refuses privacy.noise_seed: reproducible noise is for simulations only",
+            )
+        digest = hashlib.sha256(f"{noise_seed}/{self.name}/{server_round}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
+
 
 def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
     """Simulation passes ``partition-id``; a deployed SuperNode passes ``site`` (its name)."""
@@ -245,15 +271,13 @@ def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
 def make_client_fn(
     resolve_config: Callable[[Context], FedMedConfig],
     resolve_run_dir: Callable[[Context], Path],
-    use_kit_ledger: bool,
+    deployed: bool,
 ) -> Callable[[Context], Client]:
     """The ClientApp's client_fn; the resolvers say where the run's config and folder are."""
 
     def client_fn(context: Context) -> Client:
         cfg = resolve_config(context)
-        runtime = SiteRuntime(
-            str(context.run_id), resolve_run_dir(context) / "ledgers", use_kit_ledger
-        )
+        runtime = SiteRuntime(str(context.run_id), resolve_run_dir(context) / "ledgers", deployed)
         index = site_index(cfg, dict(context.node_config))
         return HospitalSite(cfg, index, runtime, secure_round(context)).to_client()
 
@@ -283,15 +307,15 @@ def make_site_identifier(
 def make_site_app(
     resolve_config: Callable[[Context], FedMedConfig],
     resolve_run_dir: Callable[[Context], Path],
-    use_kit_ledger: bool,
+    deployed: bool,
 ) -> ClientApp:
     """The hospital ClientApp: the site behind its secure-aggregation gate."""
     return ClientApp(
-        client_fn=make_client_fn(resolve_config, resolve_run_dir, use_kit_ledger),
+        client_fn=make_client_fn(resolve_config, resolve_run_dir, deployed),
         mods=[make_secure_aggregation_mod(make_site_identifier(resolve_config))],
     )
 
 
 def make_client_app(cfg: FedMedConfig, run_dir: Path) -> ClientApp:
     """ClientApp for an in-process simulation whose config and run folder are known up front."""
-    return make_site_app(lambda _c: cfg, lambda _c: run_dir, use_kit_ledger=False)
+    return make_site_app(lambda _c: cfg, lambda _c: run_dir, deployed=False)

@@ -319,3 +319,16 @@ def test_bad_privacy_settings_are_refused_before_training(
     assert re.search(message, proc.stderr), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_reproducible_noise_is_for_simulations_only(
+    compose: Callable[..., FedMedConfig], tmp_path: Path
+) -> None:
+    cfg = compose("dataset=heart", "model=svm", "privacy=dp", "privacy.noise_seed=7")
+    simulated = [_fit(_site(cfg, SWITZERLAND, tmp_path / f"s{i}"), 1)[0] for i in range(2)]
+    for a, b in zip(*simulated, strict=True):
+        np.testing.assert_array_equal(a, b)  # same seed, same sampling and noise
+    deployed = HospitalSite(cfg, SWITZERLAND, SiteRuntime("run", tmp_path / "d", True))
+    with pytest.raises(SiteError, match="refuses privacy.noise_seed"):
+        _fit(deployed, 1)
+    assert not (tmp_path / "d" / "switzerland.ledger.jsonl").exists()

@@ -88,7 +88,8 @@ def make_private_training(
     dp: DpSgdSettings,
     rng: torch.Generator | None = None,
 ) -> PrivateTraining:
-    """Wrap a fresh model for DP-SGD. ``rng`` (tests only) replaces the secret generators."""
+    """Wrap a fresh model for DP-SGD. ``rng`` (seeded experiments) replaces the secret
+    generators of the Poisson sampler and the noise."""
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,
@@ -97,10 +98,11 @@ def make_private_training(
     )
     loader = make_loader(x, y, settings.batch_size, seed=0)
     loader.generator = rng or _secret_generator()  # Opacus' Poisson sampler inherits it
-    engine = PrivacyEngine(accountant=dp.accountant)
     extra = {"criterion": loss_fn} if dp.clipping == "ghost" else {}
     with warnings.catch_warnings():
+        # Opacus' secure_mode needs torchcsprng; the generators above come from OS entropy.
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        engine = PrivacyEngine(accountant=dp.accountant)
         wrapped = engine.make_private(
             module=model,
             optimizer=optimizer,
@@ -128,13 +130,14 @@ def train_private(
     settings: TrainSettings,
     dp: DpSgdSettings,
     plan: DPSteps,
+    rng: torch.Generator | None = None,
 ) -> TrainResult:
     """Train ``model`` in place with DP-SGD for one round of ``plan.steps`` steps.
 
     Read the weights from ``model`` itself afterwards: Opacus' wrapper shares its parameters
     but prefixes their names with ``_module.``.
     """
-    private = make_private_training(model, loss_fn, x, y, settings, dp)
+    private = make_private_training(model, loss_fn, x, y, settings, dp, rng)
     with warnings.catch_warnings():
         # Opacus' hooks fire on module outputs when the input needs no gradient: expected.
         warnings.filterwarnings("ignore", message="Full backward hook is firing")
