@@ -329,6 +329,6 @@ def test_reproducible_noise_is_for_simulations_only(
     for a, b in zip(*simulated, strict=True):
         np.testing.assert_array_equal(a, b)  # same seed, same sampling and noise
     deployed = HospitalSite(cfg, SWITZERLAND, SiteRuntime("run", tmp_path / "d", True))
-    with pytest.raises(SiteError, match="refuses privacy.noise_seed"):
+    with pytest.raises(SiteError, match=r"refuses privacy\.noise_seed"):
         _fit(deployed, 1)
     assert not (tmp_path / "d" / "switzerland.ledger.jsonl").exists()
