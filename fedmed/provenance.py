@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.metadata
 import subprocess
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fedmed import __version__
 from fedmed.config import FedMedConfig
 
 
@@ -27,9 +27,12 @@ def config_hash(cfg: FedMedConfig) -> str:
 @functools.cache
 def code_version() -> str:
     """``fedmed <version>``, plus the git commit (``+dirty`` if modified) in a checkout."""
+    # The installed distribution's version: under `flwr run` the package ``fedmed`` can be
+    # a namespace spanning the Flower App bundle, whose __init__ is not executed.
+    version = importlib.metadata.version("fedmed")
     checkout = Path(__file__).resolve().parents[1]
     if not (checkout / ".git").exists():
-        return f"fedmed {__version__}"
+        return f"fedmed {version}"
     try:
         commit = subprocess.run(
             ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"],
@@ -46,5 +49,5 @@ def code_version() -> str:
             check=True,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return f"fedmed {__version__}"
-    return f"fedmed {__version__} (git {commit}{'+dirty' if dirty else ''})"
+        return f"fedmed {version}"
+    return f"fedmed {version} (git {commit}{'+dirty' if dirty else ''})"
