@@ -76,11 +76,13 @@ def test_aggregate_is_exact_under_dropouts_and_the_coordinator_sees_only_the_sum
 ) -> None:
     # 10 sites, 10 shares, threshold 7. Round 1: one site drops after sending its keys;
     # round 2: three drop before sending their masked input; round 3: one drops after
-    # sending it; round 4: four drop (6 left < 7): the round fails; round 5 is clean.
+    # sending it; round 4: four drop (6 left < 7): the round fails; round 5: one site drops
+    # before sending its keys.
     faults = ["site-1:share_keys:1"]
     faults += [f"site-{i}:collect_masked_vectors:2" for i in (2, 3, 4)]
     faults += ["site-5:unmask:3"]
     faults += [f"site-{i}:share_keys:4" for i in (0, 1, 2, 3)]
+    faults += ["site-6:setup:5"]
     cfg = compose_config(
         ["dataset=breast_cancer", "model=logreg", "federation.num_sites=10",
          "federation.rounds=5", "secagg=secaggplus", f"inject_faults=[{','.join(faults)}]"]
@@ -100,6 +102,7 @@ def test_aggregate_is_exact_under_dropouts_and_the_coordinator_sees_only_the_sum
         (2, "site-4", "collect_masked_vectors"),
         (3, "site-5", "unmask"),
         *((4, f"site-{i}", "share_keys") for i in (0, 1, 2, 3)),
+        (5, "site-6", "setup"),
     }
     assert [f["round"] for f in secure["failed_rounds"]] == [4]
     assert "below the reconstruction threshold 7" in secure["failed_rounds"][0]["reason"]
@@ -112,7 +115,7 @@ def test_aggregate_is_exact_under_dropouts_and_the_coordinator_sees_only_the_sum
     params = resolve_secagg(cfg, 10)
     assert params is not None
     contributing = {1: set(range(10)) - {1}, 2: set(range(10)) - {2, 3, 4}, 3: set(range(10)),
-                    5: set(range(10))}  # fmt: skip
+                    5: set(range(10)) - {6}}  # fmt: skip
     for server_round, record in spy.rounds.items():
         # Every result handed to the strategy carries the same array: the aggregate.
         first = record["parameters"][0]
