@@ -70,21 +70,23 @@ def sweep(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
     seed_list = ",".join(str(s) for s in seeds)
     args = ["--multirun", "dataset=heart", "model=svm", SWEEP, f"seed={seed_list}", *extra]
     run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
-    by_level: dict[str, dict[str, list[float]]] = {}
+    by_level: dict[str, dict[str, list[Any]]] = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
         level = next(lv for lv in [*SWEEP_EPSILON, "none"] if f"+epsilon={lv}\n" in overrides)
         summary = json.loads(summary_path.read_text())
-        cell = by_level.setdefault(level, {"accuracy": [], "auc": [], "max_site_epsilon": []})
+        cell: dict[str, list[Any]] = by_level.setdefault(
+            level, {"accuracy": [], "auc": [], "max_site_epsilon": []}
+        )
         cell["accuracy"].append(summary["global"]["accuracy"])
         cell["auc"].append(summary["global"]["auc"])
-        cell["max_site_epsilon"].append(_max_epsilon(summary) or float("inf"))
+        cell["max_site_epsilon"].append(_max_epsilon(summary))
     rows = {
         level: {
             "target_epsilon": SWEEP_EPSILON.get(level),
             "accuracy": mean_sd(cell["accuracy"]),
             "auc": mean_sd(cell["auc"]),
-            "max_site_epsilon": max(cell["max_site_epsilon"]),
+            "max_site_epsilon": None if level == "none" else max(cell["max_site_epsilon"]),
             "runs": len(cell["accuracy"]),
         }
         for level, cell in by_level.items()

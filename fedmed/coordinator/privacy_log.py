@@ -171,6 +171,7 @@ class PrivacyLog:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
 
         fig, ax = plt.subplots(figsize=(6, 4))
         for site in sorted(self.sites):
@@ -184,7 +185,16 @@ class PrivacyLog:
                 linestyle="--",
                 linewidth=1,
             )
-        ax.set_xlabel("round")
+            declined = [s for s in spends if s.declined]
+            ax.scatter(
+                [s.round for s in declined],
+                [s.epsilon for s in declined],
+                marker="x",
+                s=80,
+                color=line.get_color(),
+            )
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("round (x: site declined)")
         ax.set_ylabel("lifetime epsilon (dashed: budget)")
         ax.set_ylim(bottom=0.0)
         ax.set_title("privacy spend per site")
