@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, mean_sd, run
+from common import RESULTS, mean_sd, run, run_cli
 
 HEART_DP = ["dataset=heart", "model=svm", "privacy=dp", "privacy.target_epsilon=1.0"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "dataset.partition=iid"]
@@ -50,7 +50,7 @@ def accuracy(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any
     models = {}
     for mode in ("off", "secaggplus"):
         out = Path(tempfile.mkdtemp(dir=workdir))
-        run("simulate", [*one_round, f"secagg={mode}", f"hydra.run.dir={out}"], workdir)
+        run_cli("simulate", [*one_round, f"secagg={mode}", f"hydra.run.dir={out}"])
         models[mode] = torch.load(out / "global_model.pt")
     rows["measured_max_error_one_round"] = max(
         float((models["off"][k] - models["secaggplus"][k]).abs().max()) for k in models["off"]

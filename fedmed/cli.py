@@ -71,6 +71,7 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     for failure in summary.get("failures", []):
         print(f"failure: round {failure['round']} site {failure['site']}: {failure['error']}")
     print_privacy(summary)
+    print_secure_aggregation(summary)
     print(f"outputs: {output_dir} ({summary['wall_seconds']:.1f}s)")
 
 
@@ -94,6 +95,25 @@ def print_privacy(summary: dict[str, Any]) -> None:
             f"  {name}: epsilon {p['epsilon']:.4f} of budget {p['budget_epsilon']:g} "
             f"(delta {p['delta']:g}){declined}; ledger {p['ledger']}"
         )
+
+
+def print_secure_aggregation(summary: dict[str, Any]) -> None:
+    """What the coordinator could see of the sites' updates."""
+    secure = summary.get("secure_aggregation") or {}
+    if secure.get("protocol") in (None, "none"):
+        print("secure aggregation: off (the coordinator saw each site's update)")
+        return
+    dropped = ", ".join(
+        f"{d['site']} (round {d['round']}, {d['stage']})" for d in secure["dropped"]
+    )
+    error = secure["max_quantization_error"]
+    print(
+        f"secure aggregation: SecAgg+, {secure['num_shares']} shares, threshold "
+        f"{secure['reconstruction_threshold']}: the coordinator saw only the masked sum; "
+        f"max quantization error {error if error is None else f'{error:.2g}'}; "
+        f"dropped: {dropped or 'none'}; failed rounds: "
+        f"{[f['round'] for f in secure['failed_rounds']] or 'none'}"
+    )
 
 
 COMMANDS: dict[str, tuple[str, Callable[[Any, Path], int]]] = {
