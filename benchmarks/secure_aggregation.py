@@ -24,7 +24,7 @@ from common import RESULTS, mean_sd, run, run_cli
 
 HEART_DP = ["dataset=heart", "model=svm", "privacy=dp", "privacy.target_epsilon=1.0"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "dataset.partition=iid"]
-CLIPPING_RANGES = [0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
+CLIPPING_RANGES = [0.01, 0.03, 0.1, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0]
 QUANTIZATION_RANGES = [2**16, 2**18, 2**20, 2**22, 2**24]
 
 
@@ -143,13 +143,15 @@ def _round_seconds(summary: dict[str, Any]) -> float:
     return statistics.median(h["seconds"] for h in summary["history"][1:])
 
 
-def timing(sites_list: list[int], rounds: int, workdir: Path) -> dict[str, Any]:
+def timing(
+    sites_list: list[int], rounds: int, workdir: Path, secagg_extra: list[str]
+) -> dict[str, Any]:
     """Per-round time with and without SecAgg+, pneumonia CNN, side by side per site count."""
     rows = {}
     for sites in sites_list:
         base = [*PNEUMONIA, f"federation.num_sites={sites}", f"federation.rounds={rounds}"]
         plain, _ = run("simulate", [*base, "secagg=off"], workdir)
-        secure, _ = run("simulate", [*base, "secagg=secaggplus"], workdir)
+        secure, _ = run("simulate", [*base, "secagg=secaggplus", *secagg_extra], workdir)
         rows[str(sites)] = {
             "round_seconds_plain": _round_seconds(plain),
             "round_seconds_secagg": _round_seconds(secure),
@@ -168,6 +170,12 @@ def main() -> None:
         choices=["accuracy", "quantization", "timing"],
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="tiny sizes, 1 seed")
+    parser.add_argument(
+        "--sites", type=int, nargs="+", default=[5, 10, 20, 50], help="site counts to time"
+    )
+    parser.add_argument(
+        "--num-shares", type=int, default=None, help="time with secagg.num_shares fixed"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS / "secure_aggregation.json")
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
@@ -180,8 +188,10 @@ def main() -> None:
         if "quantization" in args.only:
             results["quantization_cnn"] = quantization(args.quick)
         if "timing" in args.only:
-            sites_list = [5] if args.quick else [5, 10, 20, 50]
-            results["round_time"] = timing(sites_list, 2 if args.quick else 4, workdir)
+            sites_list = [5] if args.quick else args.sites
+            shares = [] if args.num_shares is None else [f"secagg.num_shares={args.num_shares}"]
+            key = "round_time" + ("" if args.num_shares is None else f"_shares_{args.num_shares}")
+            results[key] = timing(sites_list, 2 if args.quick else 4, workdir, shares)
     if not args.quick:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
 
