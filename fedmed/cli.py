@@ -17,6 +17,7 @@ USAGE = """usage: fedmed COMMAND [hydra overrides] [--multirun]
 commands:
   simulate   run a federation on Flower's simulation engine (e.g. dataset=pneumonia model=cnn)
   baseline   train pooled or per-site baselines (mode=pooled|local) on the same splits
+  certs      consortium CA, coordinator TLS certificate, site keys (fedmed certs -h)
 
 Overrides follow Hydra: key=value, group=option, --multirun with comma-separated sweeps,
 hydra.run.dir=DIR for the output folder. Config files: conf/ (or $FEDMED_CONFIG_DIR).
@@ -152,7 +153,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in COMMANDS:
             return run_hydra_command(command, rest)
-        raise FedMedError(f"unknown command '{command}'; choose one of: {', '.join(COMMANDS)}")
+        if command == "certs":
+            from fedmed.deploy.certs import certs_main
+
+            return certs_main(rest)
+        choices = ", ".join([*COMMANDS, "certs"])
+        raise FedMedError(f"unknown command '{command}'; choose one of: {choices}")
     except FedMedError as err:
         print(f"fedmed: {err}", file=sys.stderr)
         return 2

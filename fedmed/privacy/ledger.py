@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedmed.errors import FedMedError
+from fedmed.keyfiles import write_private, write_public
 
 GENESIS_HASH = "0" * 64
 SIGNED_FIELDS_EXCLUDED = ("hash", "signature")
@@ -57,22 +58,24 @@ def load_or_create_signing_key(key_path: Path, public_path: Path) -> Ed25519Priv
             raise LedgerError(key_path, None, "signing key is not an Ed25519 private key")
     else:
         key = Ed25519PrivateKey.generate()
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(pem)
+        write_private(key_path, signing_key_pem(key))
     if not public_path.exists():
-        public_path.write_bytes(
-            key.public_key().public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-        )
+        write_public(public_path, public_key_pem(key))
     return key
+
+
+def signing_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """The private key as unencrypted PKCS8 PEM (the file itself is mode 0600)."""
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def public_key_pem(key: Ed25519PrivateKey) -> bytes:
+    """The public key auditors verify the ledger with."""
+    return key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
 
 
 def read_verified(path: Path, public_key: Ed25519PublicKey) -> list[dict[str, Any]]:

@@ -1,0 +1,1 @@
+"""Multi-hospital deployment: certificates and keys, SuperLink / SuperNode launchers."""
