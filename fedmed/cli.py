@@ -18,6 +18,8 @@ commands:
   simulate   run a federation on Flower's simulation engine (e.g. dataset=pneumonia model=cnn)
   baseline   train pooled or per-site baselines (mode=pooled|local) on the same splits
   certs      consortium CA, coordinator TLS certificate, site keys (fedmed certs -h)
+  server     start the coordinator's SuperLink, or submit a run to it (fedmed server -h)
+  site       start a hospital's SuperNode from its kit (fedmed site start sites/NAME.yaml)
 
 Overrides follow Hydra: key=value, group=option, --multirun with comma-separated sweeps,
 hydra.run.dir=DIR for the output folder. Config files: conf/ (or $FEDMED_CONFIG_DIR).
@@ -123,6 +125,32 @@ COMMANDS: dict[str, tuple[str, Callable[[Any, Path], int]]] = {
 }
 
 
+def _certs() -> Callable[[list[str]], int]:
+    from fedmed.deploy.certs import certs_main
+
+    return certs_main
+
+
+def _server() -> Callable[[list[str]], int]:
+    from fedmed.deploy.commands import server_main
+
+    return server_main
+
+
+def _site() -> Callable[[list[str]], int]:
+    from fedmed.deploy.commands import site_main
+
+    return site_main
+
+
+# Deployment commands parse their own arguments (no Hydra); imported only when used.
+DEPLOY_COMMANDS: dict[str, Callable[[], Callable[[list[str]], int]]] = {
+    "certs": _certs,
+    "server": _server,
+    "site": _site,
+}
+
+
 def run_hydra_command(command: str, args: list[str]) -> int:
     """Check the composed config first (one-line errors), then hand over to Hydra's runner."""
     import hydra
@@ -153,11 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if command in COMMANDS:
             return run_hydra_command(command, rest)
-        if command == "certs":
-            from fedmed.deploy.certs import certs_main
-
-            return certs_main(rest)
-        choices = ", ".join([*COMMANDS, "certs"])
+        if command in DEPLOY_COMMANDS:
+            return DEPLOY_COMMANDS[command]()(rest)
+        choices = ", ".join([*COMMANDS, *DEPLOY_COMMANDS])
         raise FedMedError(f"unknown command '{command}'; choose one of: {choices}")
     except FedMedError as err:
         print(f"fedmed: {err}", file=sys.stderr)

@@ -9,11 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
-from fedmed.data.types import BUNDLED_PREFIX
-from fedmed.errors import FedMedError
+from fedmed.kitfile import beside, load_kit
 
 
 @dataclass
@@ -39,6 +35,16 @@ class SiteKitPrivacy:
 
 
 @dataclass
+class SiteKitDeployment:
+    """How the hospital's SuperNode reaches the coordinator (files from `fedmed certs`)."""
+
+    ca_cert: str | None = None  # the consortium CA certificate (ca.crt)
+    node_key: str | None = None  # this site's node authentication private key (node.key)
+    node_public_key: str | None = None  # its public key (node.pub), registered by the centre
+    runtime_port: int = 9094  # local port of the SuperNode's runtime API, one per SuperNode
+
+
+@dataclass
 class SiteKit:
     """What one hospital's IT team fills in."""
 
@@ -47,31 +53,23 @@ class SiteKit:
     privacy: SiteKitPrivacy = field(default_factory=SiteKitPrivacy)
     # True: the site refuses any training request that does not come through SecAgg+.
     require_secure_aggregation: bool = False
-    coordinator: str = "127.0.0.1:9092"
+    coordinator: str = "127.0.0.1:9091"
+    deployment: SiteKitDeployment = field(default_factory=SiteKitDeployment)
 
 
 def load_site_kit(path: str | Path) -> SiteKit:
     """Read and type-check a kit; the data path comes back absolute (or ``bundled:``)."""
-    kit_path = Path(path).expanduser()
-    if not kit_path.is_file():
-        raise FedMedError(f"site kit {kit_path}: file not found")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SiteKit), OmegaConf.load(kit_path))
-        kit = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", "") or "?"
-        raise FedMedError(f"site kit {kit_path}: key '{key}': {str(exc).splitlines()[0]}") from None
-    assert isinstance(kit, SiteKit)
+    from fedmed.data.types import BUNDLED_PREFIX  # fedmed.data reads kits: import lazily
+
+    kit, kit_path = load_kit(path, SiteKit, "site kit")
     if not kit.data.path.startswith(BUNDLED_PREFIX):
-        kit.data.path = _beside(kit_path, kit.data.path)
+        kit.data.path = beside(kit_path, kit.data.path)
     if kit.privacy.ledger is not None:
-        kit.privacy.ledger = _beside(kit_path, kit.privacy.ledger)
+        kit.privacy.ledger = beside(kit_path, kit.privacy.ledger)
     if kit.privacy.signing_key is not None:
-        kit.privacy.signing_key = _beside(kit_path, kit.privacy.signing_key)
+        kit.privacy.signing_key = beside(kit_path, kit.privacy.signing_key)
+    for key in ("ca_cert", "node_key", "node_public_key"):
+        value = getattr(kit.deployment, key)
+        if value is not None:
+            setattr(kit.deployment, key, beside(kit_path, value))
     return kit
-
-
-def _beside(kit_path: Path, path: str) -> str:
-    """``path`` made absolute, relative paths being read from the kit's folder."""
-    resolved = Path(path).expanduser()
-    return str(resolved if resolved.is_absolute() else (kit_path.parent / resolved).resolve())

@@ -1,0 +1,37 @@
+"""``fedmed server start|run`` and ``fedmed site start``: argument parsing only."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+
+from fedmed.deploy.launch import server_run, server_start, site_start
+
+DEFAULT_SERVER_KIT = "server/coordinator.yaml"
+
+
+def server_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedmed server")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run the coordinator's SuperLink (foreground)")
+    run = commands.add_parser("run", help="submit a federation run to the SuperLink")
+    run.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedmed simulate")
+    run.add_argument("--name", help="run folder name under the kit's output_dir")
+    for sub in (start, run):
+        sub.add_argument("--kit", default=DEFAULT_SERVER_KIT, help="the coordinator's kit")
+        sub.add_argument("--insecure", action="store_true", help="no TLS, no node auth")
+    args = parser.parse_args(argv)
+    if args.command == "start":
+        return server_start(args.kit, args.insecure)
+    name = args.name or datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return server_run(args.kit, args.overrides, args.insecure, name)
+
+
+def site_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="fedmed site")
+    commands = parser.add_subparsers(dest="command", required=True)
+    start = commands.add_parser("start", help="run this hospital's SuperNode (foreground)")
+    start.add_argument("kit", help="the hospital's site kit (sites/NAME.yaml)")
+    start.add_argument("--insecure", action="store_true", help="no TLS, no node auth")
+    args = parser.parse_args(argv)
+    return site_start(args.kit, args.insecure)
