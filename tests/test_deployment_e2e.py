@@ -1,0 +1,182 @@
+"""Deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication and the four
+heart-disease hospitals as SuperNodes, each with its own kit, keys and ledger; DP + SecAgg+.
+
+Every process the test starts is stopped by PID at the end, pass or fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedmed.privacy.ledger import load_public_key, read_verified
+from tests.e2e import REPO
+
+pytestmark = pytest.mark.slow
+SITES = ("cleveland", "hungary", "switzerland", "va")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _fedmed(*args: str) -> list[str]:
+    return [sys.executable, "-m", "fedmed.cli", *args]
+
+
+class Processes:
+    """Background processes, each in its own process group, all stopped at the end."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.started.append(process)
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        for process in self.started:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs = Processes(logs)
+    try:
+        yield procs
+    finally:
+        procs.stop_all()
+        assert all(p.poll() is not None for p in procs.started)
+
+
+def _wait_for(path: Path, text: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text(errors="replace"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"'{text}' not in {path}:\n{path.read_text(errors='replace')[-2000:]}")
+
+
+def _consortium(tmp_path: Path) -> tuple[Path, list[Path], str]:
+    """Certificates, a server kit and four site kits, all under ``tmp_path``."""
+    pki = tmp_path / "pki"
+    for args in (["init-ca"], ["server", "--host", "localhost", "127.0.0.1"]):
+        subprocess.run(_fedmed("certs", *args, "--dir", str(pki)), cwd=REPO, check=True)
+    for site in SITES:
+        subprocess.run(_fedmed("certs", "site", site, "--dir", str(pki)), cwd=REPO, check=True)
+    address = f"127.0.0.1:{_free_port()}"
+    server_kit = tmp_path / "server.yaml"
+    server_kit.write_text(
+        yaml.safe_dump(
+            {
+                "certs": str(pki),
+                "address": address,
+                "state": str(tmp_path / "state"),
+                "output_dir": str(tmp_path / "runs"),
+                "site_public_keys": [str(pki / "sites" / s / "node.pub") for s in SITES],
+            }
+        )
+    )
+    kits = []
+    for site in SITES:
+        kit = yaml.safe_load((REPO / "sites" / f"{site}.yaml").read_text())
+        kit["coordinator"] = address
+        kit["privacy"]["ledger"] = str(tmp_path / "ledgers" / f"{site}.ledger.jsonl")
+        kit["privacy"]["signing_key"] = str(pki / "sites" / site / "ledger.key")
+        kit["deployment"] = {
+            "ca_cert": str(pki / "ca.crt"),
+            "node_key": str(pki / "sites" / site / "node.key"),
+            "node_public_key": str(pki / "sites" / site / "node.pub"),
+            "runtime_port": _free_port(),
+        }
+        path = tmp_path / f"{site}.yaml"
+        path.write_text(yaml.safe_dump(kit))
+        kits.append(path)
+    return server_kit, kits, address
+
+
+def test_four_hospitals_over_tls_with_dp_and_secagg(tmp_path: Path, processes: Processes) -> None:
+    server_kit, kits, address = _consortium(tmp_path)
+    logs = processes.logs
+    processes.start("server", _fedmed("server", "start", "--kit", str(server_kit)))
+    _wait_for(logs / "server.log", "SuperLink running")
+    for kit in kits:
+        processes.start(kit.stem, _fedmed("site", "start", str(kit)))
+
+    kit_list = ",".join(str(k) for k in kits)
+    run = subprocess.run(
+        _fedmed("server", "run", "--kit", str(server_kit), "--name", "e2e",
+                "dataset=heart_kits", f"dataset.site_kits=[{kit_list}]", "privacy=dp",
+                "secagg=secaggplus", "federation.rounds=3"),
+        cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    (logs / "run.log").write_text(run.stdout + run.stderr)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    summary = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
+    assert summary["failures"] == []
+    assert summary["secure_aggregation"]["protocol"] == "secaggplus"
+    assert summary["global"]["accuracy"] >= 0.70  # simulation: 0.75-0.80 at epsilon 1
+    for site in SITES:
+        ledger = tmp_path / "ledgers" / f"{site}.ledger.jsonl"
+        entries = read_verified(ledger, load_public_key(tmp_path / "pki" / "sites" / site
+                                                        / "ledger.pub"))  # fmt: skip
+        assert [e["round"] for e in entries] == [1, 2, 3]
+        assert entries[-1]["epsilon"] <= 1.0
+        assert summary["sites"][site]["privacy"]["ledger"] == str(ledger)
+
+    # Security: an unregistered node is rejected; a plaintext client is refused by TLS.
+    stranger = tmp_path / "stranger"
+    subprocess.run(_fedmed("certs", "site", "stranger", "--dir", str(stranger)), check=True)
+    keys = stranger / "sites" / "stranger"
+    supernode = str(Path(sys.executable).with_name("flower-supernode"))
+    retries = ["--max-retries", "2", "--max-wait-time", "20", "--port"]
+    unregistered = processes.start(
+        "unregistered",
+        [supernode, "--superlink", address, "--root-certificates",
+         str(tmp_path / "pki" / "ca.crt"), "--auth-supernode-private-key", str(keys / "node.key"),
+         "--auth-supernode-public-key", str(keys / "node.pub"), *retries, str(_free_port())],
+    )  # fmt: skip
+    plaintext = processes.start(
+        "plaintext", [supernode, "--superlink", address, "--insecure", *retries, str(_free_port())]
+    )
+    assert unregistered.wait(timeout=240) != 0
+    assert plaintext.wait(timeout=240) != 0
+    assert "Failed to activate SuperNode" in (logs / "unregistered.log").read_text()
+
+    # No private key material in any log.
+    secrets = []
+    for key in (tmp_path / "pki").rglob("*.key"):
+        secrets += [line for line in key.read_text().splitlines()[1:-1] if len(line) > 20]
+    for log in logs.iterdir():
+        text = log.read_text(errors="replace")
+        assert "PRIVATE KEY" not in text, log
+        assert not any(secret in text for secret in secrets), log
