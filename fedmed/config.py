@@ -232,6 +232,8 @@ class FedMedConfig:
     # Testing: ["SITE:STAGE:ROUND", ...] makes SITE fail at STAGE of ROUND, as if it had
     # dropped out (STAGE: fit, or a SecAgg+ stage).
     inject_faults: list[str] = field(default_factory=list)
+    # Continue the run in the output folder from its last checkpoint (after a crash).
+    resume: bool = False
 
 
 @dataclass

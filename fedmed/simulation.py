@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.config import FedMedConfig
+from fedmed.coordinator import checkpoint
 from fedmed.coordinator.app import make_server_app
 from fedmed.data import load_site, num_sites
 from fedmed.errors import FedMedError, SiteError
@@ -55,6 +56,8 @@ def check_privacy_setup(cfg: FedMedConfig, output_dir: Path) -> None:
 def simulate(cfg: FedMedConfig, output_dir: Path) -> dict[str, Any]:
     """Run every round and return the summary written to ``output_dir/summary.json``."""
     check_privacy_setup(cfg, output_dir)
+    if cfg.resume:
+        checkpoint.load(output_dir)  # a missing or foreign checkpoint fails here, in one line
     quiet_flower()
     from flwr.simulation import run_simulation
 

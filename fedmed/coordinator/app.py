@@ -14,6 +14,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import ServerApp
 
 from fedmed.config import FedMedConfig
+from fedmed.coordinator import checkpoint
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.strategies import build_strategy
@@ -27,20 +28,41 @@ GLOBAL_MODEL_FILE = "global_model.pt"
 
 
 def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir: Path) -> dict:
-    """Run all rounds, then write the global model, metrics.csv, summary.json and accuracy.png."""
+    """Run all rounds, then write the global model, metrics.csv, summary.json and accuracy.png.
+
+    A checkpoint is saved after every round; ``resume=true`` continues from it.
+    """
     random.seed(cfg.seed)  # Flower's client sampling uses the `random` module
     np.random.seed(cfg.seed)
     total_sites = num_sites(cfg)
     recorder = RunRecorder(cfg, output_dir, total_sites)
     model = build_model(cfg.model.name, data_schema(cfg), cfg.seed)
-    initial = ndarrays_to_parameters(get_weights(model))
+    resumed = checkpoint.load(output_dir) if cfg.resume else None
+    weights = resumed.global_weights if resumed is not None else get_weights(model)
+    inner = build_strategy(cfg, total_sites, ndarrays_to_parameters(weights))
+    done = 0
+    if resumed is not None:
+        checkpoint.restore(resumed, inner, recorder)
+        recorder.extra["resumed_after_round"] = done = resumed.round
+        print(f"resuming after round {done} from {output_dir}", flush=True)
+
+    def save_checkpoint(server_round: int) -> None:
+        assert strategy.global_weights is not None
+        state = checkpoint.capture(server_round, strategy.global_weights, inner, recorder)
+        checkpoint.save(state, output_dir)
+
     strategy = FederatedStrategy(
-        build_strategy(cfg, total_sites, initial),
+        inner,
         recorder,
         min(cfg.federation.min_sites, total_sites),
+        round_offset=done,
+        on_round_done=save_checkpoint,
     )
+    strategy.global_weights = weights
     legacy = LegacyContext(
-        context, config=ServerConfig(num_rounds=cfg.federation.rounds), strategy=strategy
+        context,
+        config=ServerConfig(num_rounds=max(cfg.federation.rounds - done, 0)),
+        strategy=strategy,
     )
     secure = resolve_secagg(cfg, total_sites)
     recorder.secure.params = secure
@@ -48,14 +70,14 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
         RecordedSecAggPlusWorkflow(secure, strategy, recorder) if secure is not None else None
     )
     try:
-        DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+        if done < cfg.federation.rounds:
+            DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)
     finally:
-        if strategy.global_weights is not None:
-            set_weights(model, strategy.global_weights)
-            output_dir.mkdir(parents=True, exist_ok=True)
-            torch.save(model.state_dict(), output_dir / GLOBAL_MODEL_FILE)
+        set_weights(model, strategy.global_weights)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), output_dir / GLOBAL_MODEL_FILE)
         summary = recorder.write()
     return summary
 

@@ -7,6 +7,7 @@ with secure aggregation the single aggregate it receives is converted the same w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -43,10 +44,22 @@ class FederationStopped(RuntimeError):
 class FederatedStrategy(Strategy):
     """Wraps an inner strategy: delta -> weights conversion, min_sites check, recording."""
 
-    def __init__(self, inner: Strategy, recorder: RunRecorder, min_sites: int) -> None:
+    def __init__(
+        self,
+        inner: Strategy,
+        recorder: RunRecorder,
+        min_sites: int,
+        round_offset: int = 0,
+        on_round_done: Callable[[int], None] | None = None,
+    ) -> None:
+        """``round_offset``: rounds already done before this run (resume); Flower counts
+        from 1 again, the sites and the records continue the run's numbering.
+        ``on_round_done(round)`` runs after each round's evaluation (checkpointing)."""
         self.inner = inner
         self.recorder = recorder
         self.min_sites = min_sites
+        self.round_offset = round_offset
+        self.on_round_done = on_round_done
         self.global_weights: list[np.ndarray] | None = None
         self.last_aggregated_round = 0
 
@@ -62,6 +75,7 @@ class FederatedStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.round_offset
         self.recorder.start_round()
         self.global_weights = parameters_to_ndarrays(parameters)
         return self.inner.configure_fit(server_round, parameters, client_manager)
@@ -78,6 +92,7 @@ class FederatedStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         self.recorder.record_failures(server_round, "fit", list(failures))
         trained = []
         for proxy, res in results:
@@ -103,7 +118,9 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+        return self.inner.configure_evaluate(
+            server_round + self.round_offset, parameters, client_manager
+        )
 
     def aggregate_evaluate(
         self,
@@ -111,20 +128,24 @@ class FederatedStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        server_round += self.round_offset
         self.recorder.record_failures(server_round, "evaluate", list(failures))
         per_site = {
             str(res.metrics["site"]): EvalStats.from_metrics(dict(res.metrics))
             for _, res in results
         }
-        if not per_site:
-            return None, {}
-        record = self.recorder.record_evaluation(server_round, per_site)
-        metrics: dict[str, Any] = {"accuracy": record.accuracy}
-        if record.auc is not None:
-            metrics["auc"] = record.auc
-        return record.loss, metrics
+        loss: float | None = None
+        metrics: dict[str, Any] = {}
+        if per_site:
+            record = self.recorder.record_evaluation(server_round, per_site)
+            loss, metrics = record.loss, {"accuracy": record.accuracy}
+            if record.auc is not None:
+                metrics["auc"] = record.auc
+        if self.on_round_done is not None:
+            self.on_round_done(server_round)
+        return loss, metrics
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        return self.inner.evaluate(server_round, parameters)
+        return self.inner.evaluate(server_round + self.round_offset, parameters)

@@ -17,12 +17,15 @@ def server_main(argv: list[str]) -> int:
     run = commands.add_parser("run", help="submit a federation run to the SuperLink")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, as for fedmed simulate")
     run.add_argument("--name", help="run folder name under the kit's output_dir")
+    run.add_argument("--resume", metavar="NAME", help="continue run NAME from its last checkpoint")
     for sub in (start, run):
         sub.add_argument("--kit", default=DEFAULT_SERVER_KIT, help="the coordinator's kit")
         sub.add_argument("--insecure", action="store_true", help="no TLS, no node auth")
     args = parser.parse_args(argv)
     if args.command == "start":
         return server_start(args.kit, args.insecure)
+    if args.resume:
+        return server_run(args.kit, [*args.overrides, "resume=true"], args.insecure, args.resume)
     name = args.name or datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")
     return server_run(args.kit, args.overrides, args.insecure, name)
 

@@ -74,10 +74,10 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
         if self.strategy.last_aggregated_round != server_round:
             self._round_failed(server_round)
 
-    @staticmethod
-    def _current_round(context: LegacyContext) -> int:
+    def _current_round(self, context: LegacyContext) -> int:
+        """The run's round number (Flower's count plus the rounds done before a resume)."""
         record = context.state.config_records[MAIN_CONFIGS_RECORD]
-        return cast(int, record[WorkflowKey.CURRENT_ROUND])
+        return cast(int, record[WorkflowKey.CURRENT_ROUND]) + self.strategy.round_offset
 
     def _observed(
         self,
