@@ -15,9 +15,7 @@ from flwr.serverapp import ServerApp
 
 from fedmed.config import FedMedConfig
 from fedmed.configure import compose_config
-from fedmed.coordinator.app import run_coordinator
-from fedmed.coordinator.recorder import CLEAN_STATUSES
-from fedmed.site import make_site_app
+from fedmed.site_app import make_site_app
 
 OVERRIDES_KEY = "overrides"
 OUTPUT_DIR_KEY = "output-dir"
@@ -40,6 +38,9 @@ server_app = ServerApp()
 @server_app.main()
 def main(grid: Grid, context: Context) -> None:
     """Coordinator entry point under ``flwr run``."""
+    from fedmed.coordinator.app import run_coordinator  # heavy: not for the sites' processes
+    from fedmed.coordinator.recorder import CLEAN_STATUSES
+
     cfg = config_from_run_config(context)
     summary = run_coordinator(grid, context, cfg, run_dir_from_run_config(context))
     if summary["status"] not in CLEAN_STATUSES:

@@ -15,7 +15,7 @@ from fedmed.coordinator.app import make_server_app
 from fedmed.data import load_site, num_sites
 from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.budget import check_delta, dp_config, site_policy
-from fedmed.site import make_client_app
+from fedmed.site_app import make_client_app
 
 # One CPU per simulated site: asking Ray for more CPUs than the machine has hangs.
 BACKEND_CONFIG: dict[str, Any] = {

@@ -13,22 +13,17 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
-from flwr.app import Context
-from flwr.client import Client, NumPyClient
-from flwr.clientapp import ClientApp
+from flwr.client import NumPyClient
 
-from fedmed.config import FedMedConfig, parse_fault
-from fedmed.data import load_site, site_kit, site_names
-from fedmed.errors import ConfigError, SiteError
+from fedmed.config import FedMedConfig
+from fedmed.data import load_site, site_names
+from fedmed.errors import SiteError
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
 from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
 from fedmed.provenance import code_version, config_hash
 from fedmed.secure.site_gate import (
     SecureRound,
-    SiteIdentity,
-    make_secure_aggregation_mod,
-    secure_round,
 )
 from fedmed.train import TrainSettings, evaluate, get_weights, make_loader, set_weights, train_local
 
@@ -253,69 +248,3 @@ class HospitalSite(NumPyClient):
             )
         digest = hashlib.sha256(f"{noise_seed}/{self.name}/{server_round}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "big") >> 1)
-
-
-def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
-    """Simulation passes ``partition-id``; a deployed SuperNode passes ``site`` (its name)."""
-    if "site" in node_config:
-        names = site_names(cfg)
-        name = str(node_config["site"])
-        if name not in names:
-            raise ConfigError("node_config.site", name, f"one of {names}")
-        return names.index(name)
-    if "partition-id" in node_config:
-        return int(node_config["partition-id"])
-    raise ConfigError("node_config", dict(node_config), "a 'site' name or a 'partition-id'")
-
-
-def make_client_fn(
-    resolve_config: Callable[[Context], FedMedConfig],
-    resolve_run_dir: Callable[[Context], Path],
-    deployed: bool,
-) -> Callable[[Context], Client]:
-    """The ClientApp's client_fn; the resolvers say where the run's config and folder are."""
-
-    def client_fn(context: Context) -> Client:
-        cfg = resolve_config(context)
-        runtime = SiteRuntime(str(context.run_id), resolve_run_dir(context) / "ledgers", deployed)
-        index = site_index(cfg, dict(context.node_config))
-        return HospitalSite(cfg, index, runtime, secure_round(context)).to_client()
-
-    return client_fn
-
-
-def make_site_identifier(
-    resolve_config: Callable[[Context], FedMedConfig],
-) -> Callable[[Context], SiteIdentity]:
-    """Which site a context belongs to, whether its kit demands SecAgg+, its test faults."""
-
-    def identify(context: Context) -> SiteIdentity:
-        cfg = resolve_config(context)
-        index = site_index(cfg, dict(context.node_config))
-        name = site_names(cfg)[index]
-        kit = site_kit(cfg, index)
-        faults = tuple(
-            (stage, server_round)
-            for site, stage, server_round in map(parse_fault, cfg.inject_faults)
-            if site == name
-        )
-        return SiteIdentity(name, bool(kit and kit.require_secure_aggregation), faults)
-
-    return identify
-
-
-def make_site_app(
-    resolve_config: Callable[[Context], FedMedConfig],
-    resolve_run_dir: Callable[[Context], Path],
-    deployed: bool,
-) -> ClientApp:
-    """The hospital ClientApp: the site behind its secure-aggregation gate."""
-    return ClientApp(
-        client_fn=make_client_fn(resolve_config, resolve_run_dir, deployed),
-        mods=[make_secure_aggregation_mod(make_site_identifier(resolve_config))],
-    )
-
-
-def make_client_app(cfg: FedMedConfig, run_dir: Path) -> ClientApp:
-    """ClientApp for an in-process simulation whose config and run folder are known up front."""
-    return make_site_app(lambda _c: cfg, lambda _c: run_dir, deployed=False)

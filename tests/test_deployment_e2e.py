@@ -131,6 +131,21 @@ def test_four_hospitals_over_tls_with_dp_and_secagg(tmp_path: Path, processes: P
     for kit in kits:
         processes.start(kit.stem, _fedmed("site", "start", str(kit)))
 
+    # Security: an unregistered node is rejected; a plaintext client is refused by TLS.
+    stranger = tmp_path / "stranger"
+    subprocess.run(_fedmed("certs", "site", "stranger", "--dir", str(stranger)), check=True)
+    keys = stranger / "sites" / "stranger"
+    supernode = str(Path(sys.executable).with_name("flower-supernode"))
+    retries = ["--max-retries", "2", "--max-wait-time", "10", "--port"]
+    unregistered = processes.start(
+        "unregistered",
+        [supernode, "--superlink", address, "--root-certificates",
+         str(tmp_path / "pki" / "ca.crt"), "--auth-supernode-private-key", str(keys / "node.key"),
+         "--auth-supernode-public-key", str(keys / "node.pub"), *retries, str(_free_port())],
+    )  # fmt: skip
+    plaintext = processes.start(
+        "plaintext", [supernode, "--superlink", address, "--insecure", *retries, str(_free_port())]
+    )
     kit_list = ",".join(str(k) for k in kits)
     run = subprocess.run(
         _fedmed("server", "run", "--kit", str(server_kit), "--name", "e2e",
@@ -153,21 +168,6 @@ def test_four_hospitals_over_tls_with_dp_and_secagg(tmp_path: Path, processes: P
         assert entries[-1]["epsilon"] <= 1.0
         assert summary["sites"][site]["privacy"]["ledger"] == str(ledger)
 
-    # Security: an unregistered node is rejected; a plaintext client is refused by TLS.
-    stranger = tmp_path / "stranger"
-    subprocess.run(_fedmed("certs", "site", "stranger", "--dir", str(stranger)), check=True)
-    keys = stranger / "sites" / "stranger"
-    supernode = str(Path(sys.executable).with_name("flower-supernode"))
-    retries = ["--max-retries", "2", "--max-wait-time", "20", "--port"]
-    unregistered = processes.start(
-        "unregistered",
-        [supernode, "--superlink", address, "--root-certificates",
-         str(tmp_path / "pki" / "ca.crt"), "--auth-supernode-private-key", str(keys / "node.key"),
-         "--auth-supernode-public-key", str(keys / "node.pub"), *retries, str(_free_port())],
-    )  # fmt: skip
-    plaintext = processes.start(
-        "plaintext", [supernode, "--superlink", address, "--insecure", *retries, str(_free_port())]
-    )
     assert unregistered.wait(timeout=240) != 0
     assert plaintext.wait(timeout=240) != 0
     assert "Failed to activate SuperNode" in (logs / "unregistered.log").read_text()

@@ -181,7 +181,7 @@ class CrashAfterLedger(RuntimeError):
 
 
 @settings(
-    max_examples=12,
+    max_examples=8,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
