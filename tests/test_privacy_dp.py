@@ -282,7 +282,7 @@ def test_site_kits_set_each_hospitals_budget_and_ledger(
     assert sim.ledger == tmp_path / "switzerland.ledger.jsonl"
     deployed = site_policy(cfg, SWITZERLAND, tmp_path, use_kit_ledger=True)
     assert deployed.ledger == REPO / "sites" / "ledgers" / "switzerland.ledger.jsonl"
-    assert deployed.signing_key == deployed.ledger.with_suffix(".key")
+    assert deployed.signing_key == REPO / "pki" / "sites" / "switzerland" / "ledger.key"
     assert deployed.public_key == deployed.ledger.with_suffix(".pub")
     persistent = compose("dataset=heart_kits", "privacy=dp", f"privacy.ledger_dir={tmp_path}/p")
     assert site_policy(persistent, 0, tmp_path, True).ledger == (
