@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from fedmed.deploy.launch import flower_environment
 from fedmed.privacy.ledger import load_public_key, read_verified
 from tests.e2e import REPO
 
@@ -46,7 +47,12 @@ class Processes:
     def start(self, name: str, command: list[str]) -> subprocess.Popen[bytes]:
         log = (self.logs / f"{name}.log").open("wb")
         process = subprocess.Popen(
-            command, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            command,
+            cwd=REPO,
+            env=flower_environment(),  # Flower starts its helpers by name, from PATH
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
         self.started.append(process)
         return process

@@ -35,6 +35,16 @@ def _binary(name: str) -> str:
     return str(Path(sys.executable).with_name(name))
 
 
+def flower_environment() -> dict[str, str]:
+    """This environment with its ``bin`` first on PATH.
+
+    Flower's processes start their helpers (``flower-superexec``, ``flwr-clientapp``) by
+    name, so they must find this environment's copies even when it was not activated.
+    """
+    venv_bin = str(Path(sys.executable).parent)
+    return {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def _require(path: str | None, what: str) -> str:
     if not path or not Path(path).is_file():
         raise FedMedError(f"{what}: file not found ({path}); see `fedmed certs -h`")
@@ -94,11 +104,9 @@ def flwr_environment(kit: ServerKit, insecure: bool) -> dict[str, str]:
     else:
         lines.append(f'root-certificates = "{Path(kit.certs) / CA_CERT}"')
     (home / "config.toml").write_text("\n".join(lines) + "\n")
-    venv_bin = str(Path(sys.executable).parent)
     return {
-        **os.environ,
+        **flower_environment(),
         "FLWR_HOME": str(home),
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
 
@@ -138,7 +146,7 @@ def _stop_on_sigterm(_signum: int, _frame: object) -> None:
 def run_foreground(command: list[str], when_up: Callable[[], None] | None = None) -> int:
     """Run a Flower process until it exits; stopping this one (Ctrl+C, SIGTERM) stops it."""
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    process = subprocess.Popen(command)
+    process = subprocess.Popen(command, env=flower_environment())
     try:
         if when_up is not None:
             when_up()
