@@ -17,6 +17,9 @@ USAGE = """usage: fedmed COMMAND [hydra overrides] [--multirun]
 commands:
   simulate   run a federation on Flower's simulation engine (e.g. dataset=pneumonia model=cnn)
   baseline   train pooled or per-site baselines (mode=pooled|local) on the same splits
+  dry-run    project each site's epsilon for a planned run against its remaining budget
+             (same overrides as simulate; --deployed reads the site kits' ledgers)
+  audit      verify ledgers, write the privacy statement, run an empirical audit (fedmed audit -h)
   certs      consortium CA, coordinator TLS certificate, site keys (fedmed certs -h)
   server     start the coordinator's SuperLink, or submit a run to it (fedmed server -h)
   site       start a hospital's SuperNode from its kit (fedmed site start sites/NAME.yaml)
@@ -119,9 +122,26 @@ def print_secure_aggregation(summary: dict[str, Any]) -> None:
     )
 
 
+def _dry_run(deployed: bool) -> Callable[[Any, Path], int]:
+    def task(cfg: Any, output_dir: Path) -> int:
+        from fedmed.audit.dry_run import dry_run
+
+        return dry_run(cfg, output_dir, deployed)
+
+    return task
+
+
+def _empirical(cfg: Any, output_dir: Path) -> int:
+    from fedmed.audit.empirical import run_empirical_audit
+
+    return run_empirical_audit(cfg, output_dir)
+
+
 COMMANDS: dict[str, tuple[str, Callable[[Any, Path], int]]] = {
     "simulate": ("config", _simulate),
     "baseline": ("baseline", _baseline),
+    "dry-run": ("config", _dry_run(deployed=False)),
+    "audit empirical": ("config", _empirical),
 }
 
 
@@ -143,19 +163,29 @@ def _site() -> Callable[[list[str]], int]:
     return site_main
 
 
-# Deployment commands parse their own arguments (no Hydra); imported only when used.
-DEPLOY_COMMANDS: dict[str, Callable[[], Callable[[list[str]], int]]] = {
+def _audit() -> Callable[[list[str]], int]:
+    from fedmed.audit.commands import audit_main
+
+    return audit_main
+
+
+# Commands that parse their own arguments (no Hydra); imported only when used.
+OWN_ARGS_COMMANDS: dict[str, Callable[[], Callable[[list[str]], int]]] = {
     "certs": _certs,
     "server": _server,
     "site": _site,
+    "audit": _audit,
 }
 
 
-def run_hydra_command(command: str, args: list[str]) -> int:
+def run_hydra_command(
+    command: str, args: list[str], task: Callable[[Any, Path], int] | None = None
+) -> int:
     """Check the composed config first (one-line errors), then hand over to Hydra's runner."""
     import hydra
 
-    config_name, task = COMMANDS[command]
+    config_name, default_task = COMMANDS[command]
+    task = task or default_task
     overrides = [a for a in args if not a.startswith("-")]
     if not any(
         a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args
@@ -178,12 +208,18 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = args[0], args[1:]
+    if command == "audit" and rest[:1] == ["empirical"]:
+        command, rest = "audit empirical", rest[1:]
     try:
+        if command == "dry-run":
+            deployed = "--deployed" in rest
+            rest = [a for a in rest if a != "--deployed"]
+            return run_hydra_command(command, rest, _dry_run(deployed))
         if command in COMMANDS:
             return run_hydra_command(command, rest)
-        if command in DEPLOY_COMMANDS:
-            return DEPLOY_COMMANDS[command]()(rest)
-        choices = ", ".join([*COMMANDS, *DEPLOY_COMMANDS])
+        if command in OWN_ARGS_COMMANDS:
+            return OWN_ARGS_COMMANDS[command]()(rest)
+        choices = ", ".join([c for c in COMMANDS if " " not in c] + list(OWN_ARGS_COMMANDS))
         raise FedMedError(f"unknown command '{command}'; choose one of: {choices}")
     except FedMedError as err:
         print(f"fedmed: {err}", file=sys.stderr)

@@ -311,7 +311,7 @@ def validate(cfg: FedMedConfig) -> None:
     _require(m.weight_decay >= 0.0, "model.weight_decay", m.weight_decay, "a number >= 0")
 
     if isinstance(cfg.privacy, DpConfig):
-        _validate_dp(cfg.privacy)
+        _validate_dp(cfg.privacy, kits_state_budgets=bool(getattr(cfg.dataset, "site_kits", None)))
     if isinstance(cfg.secagg, SecAggPlusConfig):
         _validate_secagg(cfg.secagg)
     for fault in cfg.inject_faults:
@@ -325,7 +325,7 @@ def validate(cfg: FedMedConfig) -> None:
     _require(s.tau > 0.0, "strategy.tau", s.tau, "a number > 0")
 
 
-def _validate_dp(p: DpConfig) -> None:
+def _validate_dp(p: DpConfig, kits_state_budgets: bool) -> None:
     both = p.target_epsilon is not None and p.noise_multiplier is not None
     _require(
         not both,
@@ -364,7 +364,7 @@ def _validate_dp(p: DpConfig) -> None:
         "a finite number > 0",
     )
     _require(
-        p.target_epsilon is not None or p.budget_epsilon is not None,
+        p.target_epsilon is not None or p.budget_epsilon is not None or kits_state_budgets,
         "privacy.budget_epsilon",
         p.budget_epsilon,
         "a number > 0: with an explicit privacy.noise_multiplier each site needs a lifetime "

@@ -20,7 +20,12 @@ from fedmed.data import load_site, site_names
 from fedmed.errors import SiteError
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
-from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
+from fedmed.privacy.dp_sgd import (
+    DpSgdSettings,
+    poisson_plan,
+    run_noise_multiplier,
+    train_private,
+)
 from fedmed.provenance import code_version, config_hash
 from fedmed.secure.site_gate import (
     SecureRound,
@@ -150,20 +155,9 @@ class HospitalSite(NumPyClient):
         account = PrivacyAccount(policy)
         run_hash = config_hash(self.cfg)
         settings = TrainSettings.from_config(self.cfg)
-        sigma = dp.noise_multiplier or account.noise_multiplier_of_run(
+        sigma = account.noise_multiplier_of_run(
             self.runtime.run_id, run_hash
-        )
-        if sigma is None:
-            assert dp.target_epsilon is not None
-            sigma = calibrated_noise(
-                dp.target_epsilon,
-                policy.delta,
-                n,
-                settings.batch_size,
-                settings.epochs,
-                self.cfg.federation.rounds,
-                policy.accountant,
-            )
+        ) or run_noise_multiplier(self.cfg, policy, n)
         plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
         decision = account.decide(plan)
         report = {

@@ -3,6 +3,9 @@
 A site's privacy spend is a list of (noise multiplier, sample rate, steps) records; the
 cumulative epsilon of any prefix is recomputed from the records, never carried forward from a
 log. Calibration is done once per run with Opacus' ``get_noise_multiplier``.
+
+Opacus is imported inside the functions: it takes seconds to import (torch.distributed, scipy),
+and the coordinator and the sites' light message handlers use this module without computing.
 """
 
 from __future__ import annotations
@@ -11,10 +14,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import opacus
-from opacus.accountants import create_accountant
-from opacus.accountants.utils import get_noise_multiplier
+from importlib.metadata import version
 
 from fedmed.errors import ConfigError
 
@@ -46,7 +46,7 @@ def _check_accountant(name: str) -> None:
 def accountant_record(name: str) -> dict[str, str]:
     """Accountant name, library and version, as recorded in ledger entries."""
     _check_accountant(name)
-    return {"name": name, "library": "opacus", "version": opacus.__version__}
+    return {"name": name, "library": "opacus", "version": version("opacus")}
 
 
 def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
@@ -65,6 +65,8 @@ def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str
     history = _merged(records)
     if not history:
         return 0.0
+    from opacus.accountants import create_accountant
+
     acc = create_accountant(mechanism=accountant)
     acc.history = history
     with _quiet_rdp_orders():
@@ -76,6 +78,8 @@ def calibrate_noise_multiplier(
 ) -> float:
     """The smallest noise multiplier reaching ``target_epsilon`` after ``steps`` steps."""
     _check_accountant(accountant)
+    from opacus.accountants.utils import get_noise_multiplier
+
     with _quiet_rdp_orders():
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,

@@ -10,6 +10,7 @@ sends can change that decision.
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedmed.config import DpConfig, FedMedConfig
 from fedmed.data import site_kit, site_names
-from fedmed.errors import SiteError
+from fedmed.errors import ConfigError, SiteError
 from fedmed.privacy.accounting import DPSteps, accountant_record, cumulative_epsilon
 from fedmed.privacy.ledger import (
     GENESIS_HASH,
@@ -72,7 +73,13 @@ def site_policy(
         or dp.budget_epsilon
         or dp.target_epsilon
     )
-    assert budget is not None  # validate() demands a budget when target_epsilon is null
+    if budget is None:
+        raise ConfigError(
+            "privacy.budget_epsilon",
+            None,
+            f"a number > 0: site '{name}' has no lifetime budget in its kit, and "
+            "privacy.noise_multiplier is explicit (no target_epsilon to fall back on)",
+        )
     delta = (kit_privacy.delta if kit_privacy else None) or dp.delta
     if dp.ledger_dir is not None:
         ledger = Path(dp.ledger_dir).expanduser().resolve() / f"{name}{LEDGER_SUFFIX}"
@@ -112,6 +119,20 @@ class RoundDecision:
     reason: str = ""
 
 
+def decide(spent: Sequence[DPSteps], planned: DPSteps, policy: SitePolicy) -> RoundDecision:
+    """Train only if the epsilon after ``planned`` stays within the site's lifetime budget."""
+    after = cumulative_epsilon([*spent, planned], policy.delta, policy.accountant)
+    if after <= policy.budget_epsilon:
+        return RoundDecision(True, after)
+    now = cumulative_epsilon(spent, policy.delta, policy.accountant)
+    return RoundDecision(
+        False,
+        now,
+        f"privacy budget: this round would take epsilon from {now:.4f} to {after:.4f}, "
+        f"above the site's lifetime budget {policy.budget_epsilon:g} (delta={policy.delta:g})",
+    )
+
+
 class PrivacyAccount:
     """One site's verified ledger, signing key and budget; the only way to spend privacy."""
 
@@ -146,17 +167,7 @@ class PrivacyAccount:
 
     def decide(self, planned: DPSteps) -> RoundDecision:
         """Train only if the epsilon after this round stays within the lifetime budget."""
-        after = self.epsilon(planned)
-        if after <= self.policy.budget_epsilon:
-            return RoundDecision(True, after)
-        now = self.epsilon()
-        return RoundDecision(
-            False,
-            now,
-            f"privacy budget: this round would take epsilon from {now:.4f} to "
-            f"{after:.4f}, above the site's lifetime budget {self.policy.budget_epsilon:g} "
-            f"(delta={self.policy.delta:g})",
-        )
+        return decide(self.spent(), planned, self.policy)
 
     def record(
         self,

@@ -5,6 +5,9 @@ The batch sampling and the noise draw from generators seeded with fresh OS rando
 from the run's public seed: whoever knows the seed (the coordinator does) must not be able to
 replay the noise. The steps Opacus' own accountant saw are checked against the plan the site
 accounted for, so the ledger can never under-count.
+
+Opacus is imported where it is used: a site that trains without DP, or only answers a secure
+aggregation stage, never pays its seconds-long import.
 """
 
 from __future__ import annotations
@@ -13,16 +16,20 @@ import functools
 import secrets
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.data_loader import DPDataLoader
 from torch import nn
 from torch.utils.data import DataLoader
 
+from fedmed.config import FedMedConfig
 from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
+from fedmed.privacy.budget import SitePolicy, dp_config
 from fedmed.train import TrainResult, TrainSettings, make_loader, train_local
+
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,8 @@ class DpSgdSettings:
 
 def poisson_plan(num_records: int, batch_size: int, epochs: int, sigma: float) -> DPSteps:
     """The sample rate and step count Opacus' Poisson loader will use for one round."""
+    from opacus.data_loader import DPDataLoader
+
     plain = make_loader(
         np.zeros((num_records, 1), dtype=np.float32),
         np.zeros(num_records, dtype=np.int64),
@@ -61,6 +70,26 @@ def calibrated_noise(
     plan = poisson_plan(num_records, batch_size, epochs, sigma=0.0)
     return calibrate_noise_multiplier(
         target_epsilon, delta, plan.sample_rate, plan.steps * rounds, accountant
+    )
+
+
+def run_noise_multiplier(cfg: FedMedConfig, policy: SitePolicy, num_records: int) -> float:
+    """The noise a site uses for a new run: ``privacy.noise_multiplier``, or calibrated once
+    for the planned rounds x local epochs at the site's delta."""
+    dp = dp_config(cfg)
+    assert dp is not None, "only used with privacy=dp"
+    if dp.noise_multiplier:
+        return dp.noise_multiplier
+    assert dp.target_epsilon is not None  # validate() demands one of the two
+    settings = TrainSettings.from_config(cfg)
+    return calibrated_noise(
+        dp.target_epsilon,
+        policy.delta,
+        num_records,
+        settings.batch_size,
+        settings.epochs,
+        cfg.federation.rounds,
+        policy.accountant,
     )
 
 
@@ -90,6 +119,8 @@ def make_private_training(
 ) -> PrivateTraining:
     """Wrap a fresh model for DP-SGD. ``rng`` (seeded experiments) replaces the secret
     generators of the Poisson sampler and the noise."""
+    from opacus import PrivacyEngine
+
     optimizer = torch.optim.SGD(
         model.parameters(),
         lr=settings.lr,

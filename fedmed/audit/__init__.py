@@ -1,0 +1,1 @@
+"""Tools for privacy auditors: verify ledgers, recompute epsilon, report, audit empirically."""

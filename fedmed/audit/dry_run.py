@@ -1,0 +1,155 @@
+"""``fedmed dry-run``: which sites would decline which rounds, before anyone trains.
+
+For each site: its training-record count (the only thing read from its data), the noise the
+site would use (explicit, or calibrated exactly as the site calibrates it), the steps per
+round of its Poisson loader, and what its own ledger has already spent. The site's budget
+rule (``fedmed.privacy.budget.decide``) is then applied round by round, with the same
+accountant, without writing anything. Every site is assumed to be sampled every round (the
+worst case for budgets).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fedmed.config import FedMedConfig, sites_per_round
+from fedmed.data import load_site, num_sites
+from fedmed.errors import FedMedError
+from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
+from fedmed.privacy.budget import check_delta, decide, dp_config, site_policy
+from fedmed.privacy.dp_sgd import poisson_plan, run_noise_multiplier
+from fedmed.privacy.ledger import load_public_key, read_verified
+from fedmed.train import TrainSettings
+
+
+@dataclass
+class SiteProjection:
+    """One site's planned spend against its remaining lifetime budget."""
+
+    site: str
+    records: int
+    ledger: str
+    delta: float
+    budget_epsilon: float
+    spent_epsilon: float
+    noise_multiplier: float
+    sample_rate: float
+    steps_per_round: int
+    epsilon_by_round: list[float] = field(default_factory=list)
+    declines_from_round: int | None = None
+    reason: str = ""
+
+
+def _spent(ledger: Path, public_key: Path) -> list[DPSteps]:
+    """What the site's ledger already holds (verified, read only); nothing for a new ledger."""
+    if not ledger.exists():
+        return []
+    entries = read_verified(ledger, load_public_key(public_key))
+    return [
+        DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+        for e in entries
+    ]
+
+
+def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -> SiteProjection:
+    """Apply the site's budget rule to every planned round, without training or writing."""
+    policy = site_policy(cfg, index, run_dir / "ledgers", use_kit_ledger=deployed)
+    records = len(load_site(cfg, index).y_train)
+    check_delta(policy.site, policy.delta, records)
+    sigma = run_noise_multiplier(cfg, policy, records)
+    settings = TrainSettings.from_config(cfg)
+    plan = poisson_plan(records, settings.batch_size, settings.epochs, sigma)
+    spent = _spent(policy.ledger, policy.public_key)
+    projection = SiteProjection(
+        site=policy.site,
+        records=records,
+        ledger=str(policy.ledger),
+        delta=policy.delta,
+        budget_epsilon=policy.budget_epsilon,
+        spent_epsilon=cumulative_epsilon(spent, policy.delta, policy.accountant),
+        noise_multiplier=sigma,
+        sample_rate=plan.sample_rate,
+        steps_per_round=plan.steps,
+    )
+    for server_round in range(1, cfg.federation.rounds + 1):
+        decision = decide(spent, plan, policy)
+        if decision.train:
+            spent = [*spent, plan]
+        elif projection.declines_from_round is None:
+            projection.declines_from_round = server_round
+            projection.reason = decision.reason
+        projection.epsilon_by_round.append(decision.epsilon)
+    return projection
+
+
+def run_ends_at(projections: list[SiteProjection], cfg: FedMedConfig) -> int | None:
+    """The first round in which fewer than ``federation.min_sites`` sites would train."""
+    needed = cfg.federation.min_sites
+    for server_round in range(1, cfg.federation.rounds + 1):
+        training = sum(
+            p.declines_from_round is None or p.declines_from_round > server_round
+            for p in projections
+        )
+        if training < needed:
+            return server_round
+    return None
+
+
+def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> str:
+    """The table for people, and what it means for the run."""
+    dp = dp_config(cfg)
+    assert dp is not None
+    settings = TrainSettings.from_config(cfg)
+    noise = (
+        f"privacy.noise_multiplier={dp.noise_multiplier}"
+        if dp.noise_multiplier
+        else f"noise calibrated for privacy.target_epsilon={dp.target_epsilon}"
+    )
+    rounds = cfg.federation.rounds
+    lines = [
+        f"dry run: {rounds} rounds x {settings.epochs} local epoch(s), "
+        f"batch {settings.batch_size}, {noise}, accountant {dp.accountant.value}; "
+        "no training, nothing written to any ledger",
+        f"{'site':<14}{'records':>8}{'q':>8}{'noise':>8}{'steps/rd':>9}{'spent':>8}"
+        f"{'budget':>8}{f'after {rounds} rds':>13}  declines",
+    ]
+    for p in projections:
+        declines = f"from round {p.declines_from_round}" if p.declines_from_round else "none"
+        lines.append(
+            f"{p.site:<14}{p.records:>8}{p.sample_rate:>8.4f}{p.noise_multiplier:>8.4f}"
+            f"{p.steps_per_round:>9}{p.spent_epsilon:>8.4f}{p.budget_epsilon:>8g}"
+            f"{p.epsilon_by_round[-1]:>13.4f}  {declines}"
+        )
+    for p in projections:
+        if p.reason:
+            lines.append(f"  {p.site}, round {p.declines_from_round}: {p.reason}")
+    sampled = sites_per_round(cfg.federation, len(projections))
+    end = run_ends_at(projections, cfg)
+    if end is None:
+        lines.append(
+            f"federation: all {rounds} rounds can run (>= {cfg.federation.min_sites} "
+            f"sites train in each; {sampled} sampled per round, assumed all)"
+        )
+    else:
+        lines.append(
+            f"federation: the run would stop in round {end}: fewer than "
+            f"federation.min_sites={cfg.federation.min_sites} sites could train "
+            "(status budget_exhausted)"
+        )
+    return "\n".join(lines)
+
+
+def dry_run(cfg: FedMedConfig, output_dir: Path, deployed: bool) -> int:
+    """Print the projection and write ``dry_run.json``; exit 0 when the run would complete."""
+    if dp_config(cfg) is None:
+        raise FedMedError("dry-run projects privacy budgets: set privacy=dp")
+    projections = [project_site(cfg, i, output_dir, deployed) for i in range(num_sites(cfg))]
+    print(format_projection(projections, cfg))
+    end = run_ends_at(projections, cfg)
+    (output_dir / "dry_run.json").write_text(
+        json.dumps({"stops_at_round": end, "sites": [asdict(p) for p in projections]}, indent=2)
+        + "\n"
+    )
+    return 0 if end is None else 1
