@@ -219,6 +219,28 @@ class SecAggPlusConfig(SecAggConfig):
 
 
 @dataclass
+class AuditConfig:
+    """``fedmed audit empirical``: one-run empirical privacy audit (Steinke, Nasr & Jagielski).
+
+    ``canaries`` gradient canaries are drawn at ``site`` (null: the first site), each
+    included in its training data with probability 1/2 (drawn from ``seed``). 0 = no audit
+    (``fedmed audit empirical`` then uses 1000).
+    ``disable_noise`` (simulation only) breaks the mechanism on purpose, so the audit's own
+    ability to catch a broken DP-SGD can be shown: the sites record the claimed noise while
+    adding none.
+    """
+
+    canaries: int = 0
+    site: str | None = None
+    confidence: float = 0.95
+    # The bound and the formal epsilon are compared at this delta (the one-run bound loses
+    # power as 2 x canaries x delta grows, so it is audited below the sites' delta).
+    delta: float = 1e-5
+    seed: int = 0
+    disable_noise: bool = False
+
+
+@dataclass
 class FedMedConfig:
     """The whole run: one object handed to the coordinator, every site and the baselines."""
 
@@ -234,6 +256,7 @@ class FedMedConfig:
     inject_faults: list[str] = field(default_factory=list)
     # Continue the run in the output folder from its last checkpoint (after a crash).
     resume: bool = False
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 @dataclass
@@ -316,6 +339,7 @@ def validate(cfg: FedMedConfig) -> None:
         _validate_secagg(cfg.secagg)
     for fault in cfg.inject_faults:
         parse_fault(fault)
+    _validate_audit(cfg)
 
     s = cfg.strategy
     _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")
@@ -369,6 +393,19 @@ def _validate_dp(p: DpConfig, kits_state_budgets: bool) -> None:
         p.budget_epsilon,
         "a number > 0: with an explicit privacy.noise_multiplier each site needs a lifetime "
         "budget (or its kit's budget_epsilon)",
+    )
+
+
+def _validate_audit(cfg: FedMedConfig) -> None:
+    a = cfg.audit
+    _require(a.canaries >= 0, "audit.canaries", a.canaries, "an integer >= 0 (0: no audit)")
+    _require(0.0 < a.confidence < 1.0, "audit.confidence", a.confidence, "a number in (0, 1)")
+    _require(0.0 < a.delta < 1.0, "audit.delta", a.delta, "a number in (0, 1)")
+    _require(
+        not a.disable_noise or isinstance(cfg.privacy, DpConfig),
+        "audit.disable_noise",
+        a.disable_noise,
+        "false unless privacy=dp (it is the empirical audit's self-test)",
     )
 
 

@@ -101,7 +101,9 @@ class HospitalSite(NumPyClient):
         self.loss_fn = build_loss(cfg.model.name)
 
     def _model_with(self, parameters: list[np.ndarray]) -> Any:
-        model = build_model(self.cfg.model.name, self.data.schema, self.cfg.seed)
+        model = build_model(
+            self.cfg.model.name, self.data.schema, self.cfg.seed, self.cfg.audit.canaries
+        )
         set_weights(model, parameters)
         return model
 
@@ -182,7 +184,15 @@ class HospitalSite(NumPyClient):
                 },
             )
         model = self._model_with(parameters)
-        mechanism = DpSgdSettings(sigma, dp.max_grad_norm, dp.clipping.value, policy.accountant)
+        if self.cfg.audit.disable_noise and self.runtime.deployed:
+            raise SiteError(self.name, "refuses audit.disable_noise: it is a simulation self-test")
+        mechanism = DpSgdSettings(
+            sigma,
+            dp.max_grad_norm,
+            dp.clipping.value,
+            policy.accountant,
+            audit_disable_noise=self.cfg.audit.disable_noise,
+        )
         result = train_private(
             model,
             self.loss_fn,

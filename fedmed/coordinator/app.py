@@ -36,7 +36,7 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     np.random.seed(cfg.seed)
     total_sites = num_sites(cfg)
     recorder = RunRecorder(cfg, output_dir, total_sites)
-    model = build_model(cfg.model.name, data_schema(cfg), cfg.seed)
+    model = build_model(cfg.model.name, data_schema(cfg), cfg.seed, cfg.audit.canaries)
     resumed = checkpoint.load(output_dir) if cfg.resume else None
     weights = resumed.global_weights if resumed is not None else get_weights(model)
     inner = build_strategy(cfg, total_sites, ndarrays_to_parameters(weights))

@@ -224,9 +224,15 @@ def load_site(cfg: FedMedConfig, index: int) -> SiteData:
     total = num_sites(cfg)
     if not 0 <= index < total:
         raise ConfigError("site index", index, f"0..{total - 1}")
-    key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed)), index)
+    key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed, cfg.audit)), index)
     if key not in _site_cache:
-        _site_cache[key] = _load_site_uncached(cfg, index)
+        data = _load_site_uncached(cfg, index)
+        if cfg.audit.canaries:
+            from fedmed.audit.canaries import audited_site, with_canaries
+
+            if data.name == audited_site(cfg):
+                data = with_canaries(data, cfg)  # the empirical audit's site only
+        _site_cache[key] = data
     return _site_cache[key]
 
 

@@ -10,12 +10,21 @@ from torch import nn
 from fedmed.config import ModelName
 from fedmed.data.types import DataSchema
 from fedmed.errors import ConfigError
+from fedmed.models.canary import CanaryHead
 from fedmed.models.cnn import DiagnosisNet
 from fedmed.models.linear import LinearClassifier
 
 
-def build_model(name: ModelName, schema: DataSchema, seed: int) -> nn.Module:
-    """A freshly initialised model; the same seed gives the same weights on every machine."""
+def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 0) -> nn.Module:
+    """A freshly initialised model; the same seed gives the same weights on every machine.
+
+    ``canaries > 0`` (empirical audit only) adds the audit's canary head.
+    """
+    model = _build_base_model(name, schema, seed)
+    return CanaryHead(model, canaries, schema.num_classes) if canaries else model
+
+
+def _build_base_model(name: ModelName, schema: DataSchema, seed: int) -> nn.Module:
     torch.manual_seed(seed)
     if name is ModelName.cnn:
         if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:

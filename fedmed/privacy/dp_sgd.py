@@ -16,7 +16,7 @@ import functools
 import secrets
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ class DpSgdSettings:
     max_grad_norm: float
     clipping: str  # Opacus grad_sample_mode: "ghost", "hooks" or "functorch"
     accountant: str
+    # Empirical-audit self-test only (audit.disable_noise, refused when deployed): add no
+    # noise while the accountant still records the claimed noise multiplier.
+    audit_disable_noise: bool = False
 
 
 def poisson_plan(num_records: int, batch_size: int, epochs: int, sigma: float) -> DPSteps:
@@ -145,12 +148,31 @@ def make_private_training(
             grad_sample_mode=dp.clipping,
             **extra,
         )
+    if dp.audit_disable_noise:
+        _add_no_noise(wrapped[1])
     if dp.clipping == "ghost":
         private_model, private_optimizer, private_loss, private_loader = wrapped
     else:
         private_model, private_optimizer, private_loader = wrapped
         private_loss = loss_fn
     return PrivateTraining(private_model, private_optimizer, private_loss, private_loader, engine)
+
+
+def _add_no_noise(optimizer: Any) -> None:
+    """Break the mechanism on purpose: each noise draw uses sigma 0, while Opacus' accountant
+    hook (which runs after the draw) still records the claimed sigma. A silent bug of exactly
+    this kind is what ``fedmed audit empirical`` must catch."""
+    draw_noise = optimizer.add_noise
+
+    def add_noise_with_sigma_zero() -> None:
+        claimed = optimizer.noise_multiplier
+        optimizer.noise_multiplier = 0.0
+        try:
+            draw_noise()
+        finally:
+            optimizer.noise_multiplier = claimed
+
+    optimizer.add_noise = add_noise_with_sigma_zero
 
 
 def train_private(
