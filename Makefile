@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fedmed-installed
 # A fresh folder per demo: a simulated site's ledger (its spent budget) lives in the run folder.
 DEMO_DIR ?= outputs/demo/$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint setup
+.PHONY: demo test lint setup browser
 
 setup: $(STAMP)
 
@@ -22,7 +22,15 @@ demo: $(STAMP)
 	$(BIN)/fedmed simulate dataset=heart_kits model=svm privacy=dp privacy.target_epsilon=1.0 \
 		secagg=secaggplus hydra.run.dir=$(DEMO_DIR)
 
-test: $(STAMP)
+# The privacy statement's rendering test needs a real browser: Debian's chromium.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+		{ $$SUDO apt-get update -q >/dev/null && $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; } || \
+		echo "WARNING: could not install chromium; the HTML rendering test will be skipped"; }
+
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -rs --durations=15
 
 lint: $(STAMP)

@@ -42,10 +42,9 @@ def p_value(epsilon: float, delta: float, canaries: int, guesses: int, correct: 
         return 1.0
     q = 1.0 / (1.0 + math.exp(-epsilon))  # accuracy of epsilon-DP randomized response
     tail = float(binom.sf(correct - 1, guesses, q))
-    worst_ratio, below = 0.0, 0.0
-    for i in range(1, correct + 1):
-        below += float(binom.pmf(correct - i, guesses, q))
-        worst_ratio = max(worst_ratio, below / i)
+    # P[correct - i <= Binomial < correct] / i, worst case over i = 1..correct
+    below = np.cumsum(binom.pmf(np.arange(correct - 1, -1, -1), guesses, q))
+    worst_ratio = float(np.max(below / np.arange(1, correct + 1)))
     return min(1.0, tail + 2 * canaries * delta * worst_ratio)
 
 

@@ -89,6 +89,8 @@ def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
             label=f"{audit.site} (independent PLD)",
         )
         ax.axhline(audit.entries[-1].budget_epsilon, color=color, ls="--", lw=1)
+    ax.set_ylim(bottom=0)
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_xlabel("trained round in the site's ledger (all runs)")
     ax.set_ylabel("lifetime epsilon (dashed: budget)")
     ax.grid(alpha=0.3)

@@ -1,0 +1,249 @@
+"""The auditor's toolkit on ledgers from a real heart-disease DP federation (Ray simulation).
+
+One DP run is shared by the module: verify passes and recomputes within 1%; each kind of
+tampering fails at the right line; a dishonest (re-signed) epsilon, budget or delta is caught
+by the recomputation; the statement renders in headless Chromium; dry-run predicts the
+ledgers exactly and reads them without writing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from fedmed.audit.verify import TOLERANCE, verify_ledger
+from fedmed.privacy.ledger import append_entry, read_verified
+from tests.e2e import read_summary, run_fedmed
+
+pytestmark = pytest.mark.slow
+ROUNDS = 3
+RUN_ARGS = ["dataset=heart", "model=svm", "privacy=dp", f"federation.rounds={ROUNDS}"]
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("dp_run")
+    proc = run_fedmed("simulate", *RUN_ARGS, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir
+
+
+def _lines(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+def _copy_ledger(run_dir: Path, tmp_path: Path, site: str = "cleveland") -> Path:
+    for suffix in (".jsonl", ".pub", ".key"):
+        shutil.copy(run_dir / "ledgers" / f"{site}.ledger{suffix}", tmp_path)
+    return tmp_path / f"{site}.ledger.jsonl"
+
+
+def _rewrite_signed(ledger: Path, line: int, **changes: Any) -> None:
+    """What a dishonest site could do with its own key: change an entry and re-sign the chain."""
+    key = serialization.load_pem_private_key(ledger.with_suffix(".key").read_bytes(), None)
+    entries = [json.loads(x) for x in _lines(ledger)]
+    entries[line - 1].update(changes)
+    ledger.unlink()
+    prev = "0" * 64
+    for entry in entries:
+        fields = {k: v for k, v in entry.items() if k not in ("prev_hash", "hash", "signature")}
+        prev = append_entry(ledger, fields, key, prev)["hash"]  # type: ignore[arg-type]
+
+
+def test_verify_passes_and_recomputes_every_epsilon_within_one_percent(dp_run: Path) -> None:
+    proc = run_fedmed("audit", "verify", str(dp_run), "--json", "-")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["ok"] and len(result["ledgers"]) == 4
+    assert result["independent_accountants"]["library"] == "dp-accounting"
+    for ledger in result["ledgers"]:
+        assert [e["round"] for e in ledger["entries"]] == list(range(1, ROUNDS + 1))
+        for e in ledger["entries"]:
+            assert abs(e["recorded_epsilon"] - e["pld_epsilon"]) <= TOLERANCE * e["pld_epsilon"]
+            assert e["pld_epsilon"] <= e["rdp_epsilon"]  # RDP is the looser bound
+    table = run_fedmed("audit", "verify", str(dp_run / "ledgers" / "va.ledger.jsonl"))
+    assert table.returncode == 0 and "verdict: PASS: 1 of 1" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("kind", "bad_line"),
+    [("edit", 2), ("delete", 2), ("reorder", 2), ("insert", 2), ("truncate", 3)],
+)
+def test_each_kind_of_tampering_fails_at_the_right_line(
+    dp_run: Path, tmp_path: Path, kind: str, bad_line: int
+) -> None:
+    ledger = _copy_ledger(dp_run, tmp_path)
+    lines = _lines(ledger)
+    if kind == "edit":
+        lines[1] = lines[1].replace('"steps":', '"steps":1', 1)
+    elif kind == "delete":
+        del lines[1]
+    elif kind == "reorder":
+        lines[1], lines[2] = lines[2], lines[1]
+    elif kind == "insert":
+        lines.insert(1, lines[0])
+    else:
+        lines[2] = lines[2][: len(lines[2]) // 2]
+    ledger.write_text("".join(lines))
+    audit = verify_ledger(ledger)
+    assert not audit.ok
+    assert [(f.check, f.line) for f in audit.findings] == [("integrity", bad_line)]
+    proc = run_fedmed("audit", "verify", str(ledger))
+    assert proc.returncode == 1 and f"line {bad_line}" in proc.stdout
+
+
+def test_a_re_signed_epsilon_edited_downward_is_caught_by_the_recomputation(
+    dp_run: Path, tmp_path: Path
+) -> None:
+    ledger = _copy_ledger(dp_run, tmp_path)
+    honest = json.loads(_lines(ledger)[1])["epsilon"]
+    _rewrite_signed(ledger, 2, epsilon=honest * 0.95)
+    audit = verify_ledger(ledger)
+    assert [(f.check, f.line) for f in audit.findings] == [("recomputation", 2)]
+    assert "below the independent PLD epsilon" in audit.findings[0].message
+
+
+def test_budget_overruns_and_a_delta_above_one_over_n_are_flagged(
+    dp_run: Path, tmp_path: Path
+) -> None:
+    ledger = _copy_ledger(dp_run, tmp_path)
+    _rewrite_signed(ledger, 3, budget_epsilon=0.5, dataset_size=5000)
+    checks = {(f.check, f.line) for f in verify_ledger(ledger).findings}
+    assert checks == {("budget", 3), ("delta", 3)}
+
+
+def test_a_wrong_public_key_fails_the_first_line(dp_run: Path) -> None:
+    ledgers = dp_run / "ledgers"
+    proc = run_fedmed(
+        "audit",
+        "verify",
+        str(ledgers / "va.ledger.jsonl"),
+        "--public-key",
+        str(ledgers / "hungary.ledger.pub"),
+    )
+    assert proc.returncode == 1 and "line 1" in proc.stdout and "bad signature" in proc.stdout
+
+
+def _chromium() -> str | None:
+    found = shutil.which("chromium")
+    if found is None and os.environ.get("FEDMED_REQUIRE_BROWSER") == "1":
+        pytest.fail("chromium is not installed (make test installs Debian's chromium)")
+    return found
+
+
+def test_the_privacy_statement_renders_in_headless_chromium(dp_run: Path, tmp_path: Path) -> None:
+    proc = run_fedmed("audit", "report", str(dp_run), "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    markdown = (tmp_path / "privacy_statement.md").read_text()
+    for needed in (
+        "Verification verdict: PASS",
+        "Unit of privacy",
+        "dp_sgd_poisson_gaussian",
+        "opacus",
+        "dp-accounting",
+        "Secure aggregation was off",
+        "config hash",
+        "privacy_statement_epsilon.png",
+    ):
+        assert needed in markdown, needed
+    html = (tmp_path / "privacy_statement.html").read_text()
+    assert "data:image/png;base64," in html and "http" not in html.replace("https://", "")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("chromium not installed")
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    page = (tmp_path / "privacy_statement.html").as_uri()
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    dom = subprocess.run(
+        [chromium, *flags, "--dump-dom", page],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "Verification verdict: PASS" in dom and "<table>" in dom
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    assert pixels.std() > 10  # not a blank page
+    # The embedded plot drew its first site in matplotlib's C0 blue (31, 119, 180):
+    # the page itself uses only greys, so blue pixels mean the embedded image rendered.
+    blue = (np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 40).sum()
+    assert blue > 100
+
+
+def test_dry_run_predicts_the_ledgers_and_writes_nothing(dp_run: Path, tmp_path: Path) -> None:
+    proc = run_fedmed("dry-run", *RUN_ARGS, f"hydra.run.dir={tmp_path / 'fresh'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    projection = json.loads((tmp_path / "fresh" / "dry_run.json").read_text())
+    summary = read_summary(dp_run)
+    for site in projection["sites"]:
+        ledger = Path(summary["sites"][site["site"]]["privacy"]["ledger"])
+        recorded = [e["epsilon"] for e in read_verified_beside(ledger)]
+        assert np.allclose(site["epsilon_by_round"], recorded, rtol=1e-9), site["site"]
+
+    # Against what the run spent: a second run would cross a lifetime budget of 1.2.
+    ledgers = dp_run / "ledgers"
+    before = {p.name: p.read_bytes() for p in ledgers.iterdir()}
+    proc = run_fedmed(
+        "dry-run",
+        *RUN_ARGS,
+        f"privacy.ledger_dir={ledgers}",
+        "privacy.budget_epsilon=1.2",
+        f"hydra.run.dir={tmp_path / 'spent'}",
+    )
+    assert proc.returncode == 1
+    projection = json.loads((tmp_path / "spent" / "dry_run.json").read_text())
+    assert projection["stops_at_round"] is not None
+    assert all(s["declines_from_round"] is not None for s in projection["sites"])
+    assert "would stop in round" in proc.stdout and "declines" in proc.stdout
+    assert {p.name: p.read_bytes() for p in ledgers.iterdir()} == before
+
+
+def read_verified_beside(ledger: Path) -> list[dict[str, Any]]:
+    from fedmed.privacy.ledger import load_public_key
+
+    return read_verified(ledger, load_public_key(ledger.with_suffix(".pub")))
+
+
+@pytest.mark.parametrize("noise_off", [True, False])
+def test_the_empirical_audit_flags_a_run_without_noise(tmp_path: Path, noise_off: bool) -> None:
+    proc = run_fedmed(
+        "audit",
+        "empirical",
+        *RUN_ARGS[:3],
+        "federation.rounds=2",
+        f"audit.disable_noise={noise_off}",
+        f"hydra.run.dir={tmp_path}",
+    )
+    report = json.loads((tmp_path / "empirical_audit.json").read_text())
+    assert report["canaries"] == 1000 and 400 < report["included"] < 600
+    if noise_off:
+        assert proc.returncode == 1 and "VIOLATION" in proc.stdout
+        assert report["epsilon_lower_bound"] > report["formal_epsilon"] > 0
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert report["epsilon_lower_bound"] <= report["formal_epsilon"]
