@@ -46,3 +46,25 @@ def heart_copies(tmp_path: Path) -> Callable[[str], list[Path]]:
         return out
 
     return _copy
+
+
+# The end-to-end files, longest first: with `pytest -n 2 --dist loadfile` (make test) each
+# file runs on one worker, and starting the longest ones first keeps the two workers busy to
+# the end instead of leaving one long file running alone.
+LONGEST_FIRST = (
+    "test_deployment_e2e.py",
+    "test_audit_e2e.py",
+    "test_secagg_e2e.py",
+    "test_privacy_e2e.py",
+    "test_resume_e2e.py",
+    "test_simulation_e2e.py",
+    "test_flwr_run.py",
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a file is kept
