@@ -69,6 +69,7 @@ def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
     for i, audit in enumerate(a for a in audits if a.entries):
@@ -90,7 +91,7 @@ def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
         )
         ax.axhline(audit.entries[-1].budget_epsilon, color=color, ls="--", lw=1)
     ax.set_ylim(bottom=0)
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trained round in the site's ledger (all runs)")
     ax.set_ylabel("lifetime epsilon (dashed: budget)")
     ax.grid(alpha=0.3)
