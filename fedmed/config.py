@@ -104,6 +104,20 @@ class TabularConfig(DatasetConfig):
 
 
 @dataclass
+class SyntheticTabularConfig(TabularConfig):
+    """SYNTHETIC sites for scale tests only: each of ``federation.num_sites`` sites draws
+    ``records_per_site`` records with replacement from the pooled real files (``paths``),
+    adds Gaussian jitter (``jitter`` x the feature's sd) to the ``jitter_features`` and shifts
+    them by a site-specific offset (``site_shift`` x sd): realistic shapes, no real patient.
+    """
+
+    records_per_site: int = 100
+    jitter_features: list[str] = field(default_factory=list)
+    jitter: float = 0.1
+    site_shift: float = 0.25
+
+
+@dataclass
 class SklearnConfig(DatasetConfig):
     """A dataset that ships inside scikit-learn (no download)."""
 
@@ -272,6 +286,7 @@ def register_schemas() -> None:
     store.store(name="fedmed_schema", node=FedMedConfig)
     store.store(name="baseline_schema", node=BaselineConfig)
     store.store(group="dataset", name="tabular_schema", node=TabularConfig)
+    store.store(group="dataset", name="synthetic_tabular_schema", node=SyntheticTabularConfig)
     store.store(group="dataset", name="sklearn_schema", node=SklearnConfig)
     store.store(group="dataset", name="image_schema", node=ImageConfig)
     store.store(group="model", name="model_schema", node=ModelConfig)
@@ -326,6 +341,15 @@ def validate(cfg: FedMedConfig) -> None:
             f"one name per entry of dataset.paths ({len(ds.paths)})",
         )
         _require(len(ds.classes) >= 2, "dataset.classes", ds.classes, "at least two classes")
+    if isinstance(ds, SyntheticTabularConfig):
+        _require(
+            ds.records_per_site >= 20,
+            "dataset.records_per_site",
+            ds.records_per_site,
+            "an integer >= 20 (each synthetic site needs both classes in train and test)",
+        )
+        for key, value in (("dataset.jitter", ds.jitter), ("dataset.site_shift", ds.site_shift)):
+            _require(value >= 0.0, key, value, "a number >= 0")
 
     m = cfg.model
     _require(m.lr > 0.0 and math.isfinite(m.lr), "model.lr", m.lr, "a finite number > 0")

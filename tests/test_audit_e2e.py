@@ -23,8 +23,7 @@ from fedmed.audit.verify import TOLERANCE, verify_ledger
 from fedmed.privacy.ledger import append_entry, read_verified
 from tests.e2e import read_summary, run_fedmed
 
-# One worker runs the whole module: its tests share one DP run (make test: -n 2 --dist loadgroup).
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("audit_dp_run")]
+pytestmark = pytest.mark.slow
 ROUNDS = 3
 RUN_ARGS = ["dataset=heart", "model=svm", "privacy=dp", f"federation.rounds={ROUNDS}"]
 

@@ -15,9 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.config import DatasetConfig, FedMedConfig, ImageConfig, SklearnConfig, TabularConfig
+from fedmed.config import (
+    DatasetConfig,
+    FedMedConfig,
+    ImageConfig,
+    SklearnConfig,
+    SyntheticTabularConfig,
+    TabularConfig,
+)
 from fedmed.data.images import ImageSplits, load_medmnist
 from fedmed.data.partition import partition_train_test, stratified_split
+from fedmed.data.synthetic import pooled, synthetic_site_name, synthetic_table
 from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
 from fedmed.data.types import BUNDLED_PREFIX, DataSchema, SiteData
 from fedmed.errors import ConfigError
@@ -35,7 +43,12 @@ def resolve_path(path: str) -> Path:
 
 
 def _is_natural_federation(ds: DatasetConfig) -> bool:
-    return isinstance(ds, TabularConfig) and bool(ds.paths or ds.site_kits)
+    """One site per file or kit (synthetic sites only draw from the files)."""
+    return (
+        isinstance(ds, TabularConfig)
+        and not isinstance(ds, SyntheticTabularConfig)
+        and bool(ds.paths or ds.site_kits)
+    )
 
 
 @functools.cache
@@ -83,6 +96,8 @@ def site_names(cfg: FedMedConfig) -> list[str]:
     if _is_natural_federation(ds):
         assert isinstance(ds, TabularConfig)
         return site_files(ds)[1]
+    if isinstance(ds, SyntheticTabularConfig):
+        return [synthetic_site_name(i) for i in range(num_sites(cfg))]
     return [f"site-{i}" for i in range(num_sites(cfg))]
 
 
@@ -179,8 +194,19 @@ def _load_partitioned_table(
     return _tabular_site(f"site-{index}", table, spec, train_all[train_part], test_all[test_part])
 
 
+@functools.cache
+def _pooled_table(paths: tuple[str, ...], spec: TabularSpec) -> Table:
+    return pooled([_read_table_cached(p, spec) for p in paths])
+
+
 def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
     ds = cfg.dataset
+    if isinstance(ds, SyntheticTabularConfig):
+        spec = tabular_spec(ds)
+        rng = np.random.default_rng([cfg.seed, index, 0x5E7])
+        table = synthetic_table(_pooled_table(tuple(ds.paths), spec), ds, rng)
+        train, test = stratified_split(table.labels, ds.test_fraction, rng)
+        return _tabular_site(synthetic_site_name(index), table, spec, train, test)
     if isinstance(ds, TabularConfig):
         spec = tabular_spec(ds)
         if _is_natural_federation(ds):
@@ -241,7 +267,7 @@ def data_schema(cfg: FedMedConfig) -> DataSchema:
     ds = cfg.dataset
     if isinstance(ds, TabularConfig):
         spec = tabular_spec(ds)
-        first = site_files(ds)[0][0] if _is_natural_federation(ds) else str(ds.path)
+        first = site_files(ds)[0][0] if (ds.paths or ds.site_kits) else str(ds.path)
         table = _read_table_cached(first, spec)
         return DataSchema(
             (SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes)
