@@ -48,10 +48,9 @@ def heart_copies(tmp_path: Path) -> Callable[[str], list[Path]]:
     return _copy
 
 
-# The end-to-end files, longest first. `make test` runs `pytest -n 3 --dist loadfile
+# The end-to-end files, longest first. `make test` runs `pytest -n 2 --dist loadfile
 # --no-loadscope-reorder`: each file runs whole on one worker (module fixtures are shared),
-# in this order, so the longest start early and the workers stay busy to the end (three
-# workers on two cores: the end-to-end tests spend much of their time waiting on processes).
+# in this order, so the longest start early and both workers stay busy to the end.
 LONGEST_FIRST = (
     "test_deployment_e2e.py",
     "test_audit_e2e.py",
