@@ -42,13 +42,15 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
     first = tmp_path / "run1"
     proc = run_fedmed(
         "simulate", *HEART_DP, "privacy.target_epsilon=1.0", f"privacy.ledger_dir={ledgers}",
-        f"hydra.run.dir={first}",
+        "privacy.noise_seed=0", f"hydra.run.dir={first}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("max site epsilon") == 10
     summary = read_summary(first)
     assert summary["status"] == "completed" and summary["failures"] == []
-    assert summary["global"]["accuracy"] >= 0.74  # RESULTS.md: 3 seeds, mean >= 0.77
+    # Seeded noise, so the threshold cannot flake: noise seeds 0-7 gave 0.713-0.809 (mean
+    # 0.766); seed 0 gives 0.757 (174 of 230 test records), 4 records above the threshold.
+    assert summary["global"]["accuracy"] >= 0.74
     run_privacy = summary["privacy"]
     assert run_privacy["unit"].startswith("one record")
     assert run_privacy["accountant"]["name"] == "prv"
