@@ -1,13 +1,15 @@
-"""Helpers shared by the benchmark scripts: run the real CLI, summarise over seeds."""
+"""Helpers shared by the benchmark scripts: run the real CLI, measure its memory, summarise."""
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,86 @@ def run(command: str, overrides: list[str], workdir: Path) -> tuple[dict[str, An
     out = Path(tempfile.mkdtemp(dir=workdir))
     _, wall = run_cli(command, [*overrides, f"hydra.run.dir={out}"])
     return json.loads((out / "summary.json").read_text()), wall
+
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _parents() -> dict[int, int]:
+    """pid -> parent pid for every process (Linux /proc)."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+    return parents
+
+
+def tree_rss(root: int) -> int:
+    """Resident memory of a process and all its descendants, in bytes."""
+    parents = _parents()
+    tree, grew = {root}, True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    total = 0
+    for pid in tree:
+        try:
+            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
+        except OSError:
+            continue
+    return total
+
+
+@dataclass
+class MeasuredRun:
+    """One ``fedmed`` process: its output, wall time and the memory of its process tree."""
+
+    proc: subprocess.CompletedProcess[str]
+    wall: float
+    rss_samples: list[tuple[float, int]]  # (seconds since start, bytes), every 0.2 s
+
+    @property
+    def peak(self) -> int:
+        return max((rss for _, rss in self.rss_samples), default=0)
+
+
+def measured_run(args: list[str]) -> MeasuredRun:
+    """Run ``fedmed ARGS``, sampling the memory of its whole process tree. Fails loudly."""
+    started = time.perf_counter()
+    samples: list[tuple[float, int]] = []
+    with tempfile.TemporaryFile("w+") as out:
+        popen = subprocess.Popen(
+            [sys.executable, "-m", "fedmed.cli", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        while popen.poll() is None:
+            samples.append((time.perf_counter() - started, tree_rss(popen.pid)))
+            time.sleep(0.2)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        proc = subprocess.CompletedProcess(popen.args, popen.returncode, out.read(), "")
+    if proc.returncode != 0:
+        raise SystemExit(f"fedmed {args} failed:\n{proc.stdout[-3000:]}")
+    return MeasuredRun(proc, wall, samples)
+
+
+def write_results(filename: str, data: Any, quick: bool) -> None:
+    """Save raw numbers under benchmarks/results; a ``--quick`` run only proves the script works."""
+    if quick:
+        print(f"(quick run: {filename} not written)")
+        return
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / filename).write_text(json.dumps(data, indent=2) + "\n")
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:

@@ -13,19 +13,18 @@ and calibration cached in-process). The one-off start-up is reported separately 
 of simulate minus time(1) of the warm plain loop (so it includes fedmed's own imports and
 data loading in the Ray workers, not only the engine).
 
-Usage: .venv/bin/python benchmarks/overhead.py [--rounds 5] [--cases heart-svm ...]
+Usage: .venv/bin/python benchmarks/overhead.py [--rounds 5] [--cases heart-svm ...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, run_cli
+from common import run_cli, write_results
 
 CASES = {
     "heart-svm": ["dataset=synthetic_heart", "model=svm"],
@@ -110,13 +109,17 @@ def simulate_wall(overrides: list[str], workdir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--cases", nargs="+", default=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--sites", type=int, default=10)
+    parser.add_argument("--quick", action="store_true", help="3 sites, 2 rounds; writes nothing")
     args = parser.parse_args()
+    if args.quick:
+        args.sites, args.rounds = 3, 2
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             for privacy, privacy_args in PRIVACY.items():
-                base = [*CASES[case], *privacy_args, "federation.num_sites=10"]
+                base = [*CASES[case], *privacy_args, f"federation.num_sites={args.sites}"]
                 times = {}
                 plain_loop([*base, "federation.rounds=1"])  # warm: imports, data, calibration
                 for rounds in (1, args.rounds):
@@ -145,8 +148,7 @@ def main() -> None:
                     f"{row['startup_seconds']:.1f}s",
                     flush=True,
                 )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "overhead.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_results("overhead.json", rows, args.quick)
 
 
 if __name__ == "__main__":

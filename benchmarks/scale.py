@@ -6,7 +6,7 @@ sites with num_shares = 2*ceil(log2(sampled)) + 1 (all sampled sites for small r
 3 rounds. Peak memory is the largest sum of RSS over the whole process tree (driver, Ray's
 processes, its workers), sampled every 0.2 s from /proc.
 
-Usage: .venv/bin/python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3]
+Usage: .venv/bin/python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--quick]
 """
 
 from __future__ import annotations
@@ -14,72 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from common import REPO, RESULTS
-
-PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid for every process (Linux /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
-
-
-def tree_rss(root: int) -> int:
-    """Resident memory of a process and all its descendants, in bytes."""
-    parents = _parents()
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
-    total = 0
-    for pid in tree:
-        try:
-            total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
-        except OSError:
-            continue
-    return total
-
-
-def measured_run(args: list[str]) -> tuple[subprocess.CompletedProcess[str], float, int]:
-    """Run ``fedmed ARGS``; returns the process, its wall time and peak tree memory."""
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        popen = subprocess.Popen(
-            [sys.executable, "-m", "fedmed.cli", *args],
-            cwd=REPO,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        peak = 0
-        while popen.poll() is None:
-            peak = max(peak, tree_rss(popen.pid))
-            time.sleep(0.2)
-        wall = time.perf_counter() - started
-        out.seek(0)
-        proc = subprocess.CompletedProcess(popen.args, popen.returncode, out.read(), "")
-    if proc.returncode != 0:
-        raise SystemExit(f"fedmed {args} failed:\n{proc.stdout[-3000:]}")
-    return proc, wall, peak
+from common import measured_run, write_results
 
 
 def scale_overrides(sites: int, rounds: int) -> list[str]:
@@ -102,13 +41,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sites", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="10 sites, 1 round; writes nothing")
     args = parser.parse_args()
+    if args.quick:
+        args.sites, args.rounds = [10], 1
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for sites in args.sites:
             out = Path(tmp) / f"sites{sites}"
             overrides = scale_overrides(sites, args.rounds)
-            proc, wall, peak = measured_run(["simulate", *overrides, f"hydra.run.dir={out}"])
+            run = measured_run(["simulate", *overrides, f"hydra.run.dir={out}"])
+            proc, wall, peak = run.proc, run.wall, run.peak
             summary = json.loads((out / "summary.json").read_text())
             round_lines = [line for line in proc.stdout.splitlines() if line.startswith("round")]
             row = {
@@ -127,8 +70,7 @@ def main() -> None:
                 f"{summary['status']}, accuracy {row['accuracy']:.3f}",
                 flush=True,
             )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_results("scale.json", rows, args.quick)
 
 
 if __name__ == "__main__":

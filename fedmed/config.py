@@ -164,6 +164,7 @@ class FederationConfig:
     rounds: int = 5
     num_sites: int | None = None
     fraction: float = 1.0
+    evaluate_fraction: float = 1.0
     min_sites: int = 2
     local_epochs: int = 1
 
@@ -266,7 +267,8 @@ class FedMedConfig:
     privacy: PrivacyConfig = MISSING
     secagg: SecAggConfig = MISSING
     # Testing: ["SITE:STAGE:ROUND", ...] makes SITE fail at STAGE of ROUND, as if it had
-    # dropped out (STAGE: fit, or a SecAgg+ stage).
+    # dropped out (STAGE: fit, or a SecAgg+ stage), or its training diverge (nan_update,
+    # nan_loss: the site's own checks must then keep the update from leaving).
     inject_faults: list[str] = field(default_factory=list)
     # Continue the run in the output folder from its last checkpoint (after a crash).
     resume: bool = False
@@ -315,6 +317,12 @@ def validate(cfg: FedMedConfig) -> None:
         "an integer >= 1 (or null for the dataset's own number of sites)",
     )
     _require(0.0 < fed.fraction <= 1.0, "federation.fraction", fed.fraction, "a number in (0, 1]")
+    _require(
+        0.0 < fed.evaluate_fraction <= 1.0,
+        "federation.evaluate_fraction",
+        fed.evaluate_fraction,
+        "a number in (0, 1]",
+    )
     _require(fed.min_sites >= 1, "federation.min_sites", fed.min_sites, "an integer >= 1")
     _require(fed.local_epochs >= 1, "federation.local_epochs", fed.local_epochs, "an integer >= 1")
 
@@ -472,7 +480,17 @@ def _validate_secagg(sa: SecAggPlusConfig) -> None:
     )
 
 
-FAULT_STAGES = ("fit", "setup", "share_keys", "collect_masked_vectors", "unmask")
+# Where a simulated fault strikes: a site failing at a stage (fit or a SecAgg+ stage), or a
+# site whose local training diverges (its update or its loss becomes NaN) in that round.
+FAULT_STAGES = (
+    "fit",
+    "setup",
+    "share_keys",
+    "collect_masked_vectors",
+    "unmask",
+    "nan_update",
+    "nan_loss",
+)
 
 
 def parse_fault(fault: str) -> tuple[str, str, int]:
@@ -486,3 +504,12 @@ def parse_fault(fault: str) -> tuple[str, str, int]:
         f"entries SITE:STAGE:ROUND with STAGE one of {', '.join(FAULT_STAGES)}",
     )
     return parts[0], parts[1], int(parts[2])
+
+
+def site_faults(cfg: FedMedConfig, site: str) -> tuple[tuple[str, int], ...]:
+    """The (stage, round) faults ``inject_faults`` assigns to one site."""
+    return tuple(
+        (stage, server_round)
+        for name, stage, server_round in map(parse_fault, cfg.inject_faults)
+        if name == site
+    )

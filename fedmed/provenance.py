@@ -16,9 +16,29 @@ from omegaconf import OmegaConf
 
 from fedmed.config import FedMedConfig
 
+# Recent configs by identity (kept alive, so an id is never reused while cached): a simulated
+# site hashes the run's one config object for every message, and OmegaConf takes ~20 ms.
+_RECENT_HASHES: dict[int, tuple[FedMedConfig, str]] = {}
+_RECENT_HASHES_MAX = 8
+
 
 def config_hash(cfg: FedMedConfig) -> str:
-    """sha256 of the fully composed configuration (canonical YAML, keys sorted)."""
+    """sha256 of the fully composed configuration (canonical YAML, keys sorted).
+
+    A config is never changed after it is composed and validated, so the hash of one config
+    object is computed once.
+    """
+    cached = _RECENT_HASHES.get(id(cfg))
+    if cached is not None and cached[0] is cfg:
+        return cached[1]
+    digest = _config_digest(cfg)
+    if len(_RECENT_HASHES) >= _RECENT_HASHES_MAX:
+        _RECENT_HASHES.pop(next(iter(_RECENT_HASHES)))
+    _RECENT_HASHES[id(cfg)] = (cfg, digest)
+    return digest
+
+
+def _config_digest(cfg: FedMedConfig) -> str:
     container = OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)
     canonical = OmegaConf.to_yaml(OmegaConf.create(container), sort_keys=True)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

@@ -6,6 +6,7 @@ import functools
 import gc
 import hashlib
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from fedmed.config import FedMedConfig
+from fedmed.config import FedMedConfig, site_faults
 from fedmed.data import load_site, site_names
 from fedmed.errors import SiteError
 from fedmed.models import build_loss, build_model
@@ -31,6 +32,7 @@ from fedmed.secure.site_gate import (
     SecureRound,
 )
 from fedmed.train import TrainSettings, evaluate, get_weights, make_loader, set_weights, train_local
+from fedmed.update_checks import update_problem
 
 T = TypeVar("T")
 log = logging.getLogger("fedmed.site")
@@ -79,6 +81,24 @@ def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+_imports_frozen = False
+
+
+def _collect_round_garbage() -> None:
+    """Free this round's model, optimizer and Opacus wrapper now, not at some later full GC.
+
+    They form reference cycles holding megabytes of tensors, and Python's collector counts
+    objects, not bytes: a long-lived Ray worker otherwise grows round after round. The first
+    call freezes everything alive (imports, the site's data) out of later collections, which
+    then scan only the objects made since: well under a millisecond instead of ~170 ms.
+    """
+    global _imports_frozen
+    gc.collect()
+    if not _imports_frozen:
+        gc.freeze()
+        _imports_frozen = True
+
+
 class HospitalSite(NumPyClient):
     """One hospital. Its data is loaded once per process; a fresh model is built every round."""
 
@@ -123,16 +143,33 @@ class HospitalSite(NumPyClient):
             self.cfg.seed * 100_003 + server_round,
         )
         result = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
-        return self._release(self._delta(model, parameters), {"train_loss": result.loss})
+        delta = self._delta(model, parameters, result.loss, server_round)
+        return self._release(delta, {"train_loss": result.loss})
 
-    def _delta(self, model: Any, parameters: list[np.ndarray]) -> list[np.ndarray]:
-        """new - global, checked against the SecAgg+ range before anything is recorded."""
+    def _delta(
+        self, model: Any, parameters: list[np.ndarray], loss: float, server_round: int
+    ) -> list[np.ndarray]:
+        """new - global, checked (finite, right shapes, in the SecAgg+ range) before anything
+        is recorded: a diverged update never leaves the site."""
+        self._inject_divergence(model, server_round)
+        if ("nan_loss", server_round) in site_faults(self.cfg, self.name):
+            loss = math.nan
         delta = [new - old for new, old in zip(get_weights(model), parameters, strict=True)]
-        del model
-        gc.collect()  # Opacus hooks keep models alive in long-lived workers otherwise
+        _collect_round_garbage()
+        if not math.isfinite(loss):
+            raise SiteError(self.name, f"update not sent: the training loss is {loss} (diverged)")
+        problem = update_problem(delta, parameters)
+        if problem is not None:
+            raise SiteError(self.name, f"update not sent: {problem}")
         if self.secure is not None:
             self.secure.check_update(self.name, delta, len(self.data.y_train))
         return delta
+
+    def _inject_divergence(self, model: Any, server_round: int) -> None:
+        """Simulated fault ``SITE:nan_update:ROUND``: training diverged to NaN weights."""
+        if ("nan_update", server_round) in site_faults(self.cfg, self.name):
+            with torch.no_grad():
+                next(iter(model.parameters())).fill_(math.nan)
 
     def _release(
         self, delta: list[np.ndarray], metrics: dict[str, Any]
@@ -203,7 +240,7 @@ class HospitalSite(NumPyClient):
             plan,
             rng=self._reproducible_rng(dp.noise_seed, server_round),
         )
-        delta = self._delta(model, parameters)
+        delta = self._delta(model, parameters, result.loss, server_round)
         account.record(
             plan,
             decision.epsilon,

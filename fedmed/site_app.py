@@ -15,7 +15,7 @@ from flwr.app import Context
 from flwr.client import Client
 from flwr.clientapp import ClientApp
 
-from fedmed.config import FedMedConfig, parse_fault
+from fedmed.config import FedMedConfig, site_faults
 from fedmed.data import site_kit, site_names
 from fedmed.errors import ConfigError
 from fedmed.secure.site_gate import SiteIdentity, make_secure_aggregation_mod, secure_round
@@ -62,12 +62,8 @@ def make_site_identifier(
         index = site_index(cfg, dict(context.node_config))
         name = site_names(cfg)[index]
         kit = site_kit(cfg, index)
-        faults = tuple(
-            (stage, server_round)
-            for site, stage, server_round in map(parse_fault, cfg.inject_faults)
-            if site == name
-        )
-        return SiteIdentity(name, bool(kit and kit.require_secure_aggregation), faults)
+        requires = bool(kit and kit.require_secure_aggregation)
+        return SiteIdentity(name, requires, site_faults(cfg, name))
 
     return identify
 

@@ -16,7 +16,9 @@ from fedmed.config import (
     StrategyName,
     TabularConfig,
 )
+from fedmed.configure import compose_config
 from fedmed.errors import ConfigError, FedMedError
+from fedmed.provenance import config_hash
 
 
 def error_of(compose, *overrides: str) -> FedMedError:
@@ -128,6 +130,8 @@ def test_bad_model_option_lists_models(compose):
     [
         ("federation.fraction=1.5", "federation.fraction"),
         ("federation.fraction=0", "federation.fraction"),
+        ("federation.evaluate_fraction=0", "federation.evaluate_fraction"),
+        ("federation.evaluate_fraction=2", "federation.evaluate_fraction"),
         ("federation.rounds=0", "federation.rounds"),
         ("federation.min_sites=0", "federation.min_sites"),
         ("federation.local_epochs=0", "federation.local_epochs"),
@@ -201,3 +205,12 @@ def test_cli_unknown_command_exits_2(capsys):
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1
     assert "simulate" in err
+
+
+def test_config_hash_names_the_configuration_not_the_object() -> None:
+    first = compose_config(["dataset=heart", "model=svm"])
+    again = compose_config(["dataset=heart", "model=svm"])
+    other = compose_config(["dataset=heart", "model=svm", "federation.rounds=7"])
+    assert config_hash(first) == config_hash(again) == config_hash(first)
+    assert config_hash(other) != config_hash(first)
+    assert len(config_hash(first)) == 64

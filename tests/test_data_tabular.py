@@ -284,3 +284,23 @@ def test_sklearn_multiclass_loader_num_classes(compose):
     site = load_site(cfg, 0)
     assert set(np.unique(site.y_train)) == {0, 1, 2}
     assert site.num_classes == data_schema(cfg).num_classes == 3
+
+
+def test_single_class_file_is_refused(tmp_path):
+    path = tmp_path / "oneclass.csv"
+    path.write_text("a,y\n1,1\n2,1\n3,1\n")
+    message = data_error(path)
+    assert "every row has label 1" in message and "column 'y'" in message
+
+
+def test_all_missing_column_is_kept_with_its_indicator_and_refused_without(tmp_path, caplog):
+    path = tmp_path / "nochol.csv"
+    path.write_text("a,chol,y\n1,0,0\n2,?,1\n3,0,1\n")
+    spec = TabularSpec(label="y", zero_as_missing=("chol",))
+    with caplog.at_level("WARNING", logger="fedmed.data"):
+        table = read_table(path, spec)
+    assert np.isnan(table.features[:, 1]).all()
+    assert "['chol'] have no recorded value" in caplog.text and str(path) in caplog.text
+    no_indicators = TabularSpec(label="y", zero_as_missing=("chol",), missing_indicators=False)
+    message = data_error(path, no_indicators)
+    assert "['chol']" in message and "dataset.missing_indicators" in message

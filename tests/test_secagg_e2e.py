@@ -7,6 +7,7 @@ test recomputes offline by running the same (deterministic, non-private) site co
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -154,19 +155,29 @@ def _weights(record: dict[str, Any]) -> list[int]:
 def test_dp_with_secagg_matches_the_sites_ledgers_and_never_clips_silently(
     tmp_path: Path,
 ) -> None:
+    # Hungary's training diverges to NaN in round 2: its own check keeps the update from
+    # being masked and sent (no ledger entry: nothing left the site), the round goes on
+    # with the other three, and Hungary trains again in round 3.
     run = tmp_path / "dp"
     proc = run_fedmed(
         "simulate", "dataset=heart", "model=svm", "privacy=dp", "secagg=secaggplus",
-        "federation.rounds=3", f"hydra.run.dir={run}",
+        "federation.rounds=3", "inject_faults=[hungary:nan_update:2]", f"hydra.run.dir={run}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(run)
     assert summary["secure_aggregation"]["protocol"] == "secaggplus"
-    assert summary["secure_aggregation"]["dropped"] == []
+    assert [(d["round"], d["site"]) for d in summary["secure_aggregation"]["dropped"]] == [
+        (2, "hungary")
+    ]
+    assert [(f["site"], f["round"]) for f in summary["failures"]] == [("hungary", 2)]
+    assert "update not sent: array 0 holds" in summary["failures"][0]["error"]
+    assert summary["rounds_completed"] == 3
     assert summary["global"]["accuracy"] >= 0.7
     for site in ("cleveland", "hungary", "switzerland", "va"):
         assert summary["sites"][site]["privacy"]["epsilon"] <= 1.0
-        assert (run / "ledgers" / f"{site}.ledger.jsonl").read_text().count("\n") == 3
+        entries = (run / "ledgers" / f"{site}.ledger.jsonl").read_text().splitlines()
+        rounds = [json.loads(line)["round"] for line in entries]
+        assert rounds == ([1, 3] if site == "hungary" else [1, 2, 3])
 
     # A clipping range no update fits: every site refuses to send, nothing is clipped, the
     # round fails below the threshold and the run stops (fewer than min_sites remain).

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 
 import pytest
@@ -73,22 +74,28 @@ def _paths_with_missing_switzerland() -> str:
 
 
 def test_failing_site_is_reported_and_federation_continues(tmp_path: Path) -> None:
+    """A site without its data file fails every round; a site whose training diverges (NaN
+    loss) in round 2 sends nothing that round and trains again in round 3."""
     proc = run_fedmed(
         "simulate",
-        "federation.rounds=2",
+        "federation.rounds=3",
         _paths_with_missing_switzerland(),
+        "inject_faults=[va:nan_loss:2]",
         f"hydra.run.dir={tmp_path}",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(tmp_path)
-    assert summary["rounds_completed"] == 2
-    failed = {(f["site"], f["round"]) for f in summary["failures"]}
-    assert failed == {("switzerland", 1), ("switzerland", 2)}
-    assert all(
-        "/nonexistent/switzerland.data: file not found" in f["error"] for f in summary["failures"]
-    )
+    assert summary["rounds_completed"] == 3
+    failed = {(f["site"], f["round"]): f["error"] for f in summary["failures"]}
+    assert set(failed) == {("switzerland", 1), ("switzerland", 2), ("switzerland", 3), ("va", 2)}
+    assert "/nonexistent/switzerland.data: file not found" in failed[("switzerland", 1)]
+    assert "site 'va': update not sent: the training loss is nan" in failed[("va", 2)]
     assert "switzerland" not in summary["sites"]
     assert "fit failed at switzerland" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "metrics.csv").open()))
+    va_trained = [r["round"] for r in rows if r["site"] == "va" and r["train_loss"]]
+    assert va_trained == ["1", "3"]
+    assert math.isfinite(summary["global"]["loss"])
 
 
 def test_fewer_than_min_sites_ends_run_with_nonzero_exit(tmp_path: Path) -> None:

@@ -25,6 +25,9 @@ from fedmed.secure.workflow import RecordedSecAggPlusWorkflow
 from fedmed.train import get_weights, set_weights
 
 GLOBAL_MODEL_FILE = "global_model.pt"
+# The simulation grid sleeps this long between polls for replies (Flower's default, 0.1 s, is
+# paid twice per round, for training and for evaluation, whatever the sites' speed).
+SIMULATION_PULL_INTERVAL_S = 0.01
 
 
 def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir: Path) -> dict:
@@ -88,6 +91,10 @@ def make_server_app(cfg: FedMedConfig, output_dir: Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from flwr.superlink.grid import InMemoryGrid
+
+        if isinstance(grid, InMemoryGrid):
+            grid.pull_interval = SIMULATION_PULL_INTERVAL_S
         run_coordinator(grid, context, cfg, output_dir)
 
     return app

@@ -27,6 +27,7 @@ from flwr.server.strategy import Strategy
 
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.metrics import EvalStats
+from fedmed.update_checks import update_problem
 
 
 class FederationStopped(RuntimeError):
@@ -80,6 +81,16 @@ class FederatedStrategy(Strategy):
         self.global_weights = parameters_to_ndarrays(parameters)
         return self.inner.configure_fit(server_round, parameters, client_manager)
 
+    def _update_problem(self, res: FitRes) -> str | None:
+        """The coordinator's own check of an update (each site's, or SecAgg+'s aggregate):
+        a NaN, an infinity or a wrong shape never reaches the global model."""
+        assert self.global_weights is not None
+        try:
+            update = parameters_to_ndarrays(res.parameters)
+        except ValueError as exc:  # not numpy arrays at all
+            return f"unreadable update ({exc})"
+        return update_problem(update, self.global_weights)
+
     def _as_weights(self, res: FitRes) -> FitRes:
         assert self.global_weights is not None
         delta = parameters_to_ndarrays(res.parameters)
@@ -97,8 +108,14 @@ class FederatedStrategy(Strategy):
         trained = []
         for proxy, res in results:
             self.recorder.record_fit(server_round, res.num_examples, dict(res.metrics))
-            if "declined" not in res.metrics:
+            if "declined" in res.metrics:
+                continue
+            problem = self._update_problem(res)
+            if problem is None:
                 trained.append((proxy, res))
+            else:
+                self.recorder.record_rejected(server_round, str(res.metrics.get("site")), problem)
+                failures = [*failures, RuntimeError(problem)]
         if len(trained) < self.min_sites:
             declined = len(results) - len(trained)
             raise FederationStopped(

@@ -127,6 +127,12 @@ class RunRecorder:
             self.failures.append(Failure(site, server_round, stage, message))
             print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
 
+    def record_rejected(self, server_round: int, site: str, problem: str) -> None:
+        """An update the coordinator refused (a site that skipped or lacks its own checks)."""
+        message = f"update rejected by the coordinator: {problem}"
+        self.failures.append(Failure(site, server_round, "fit", message))
+        print(f"round {server_round:>3} | fit failed at {site}: {message}", flush=True)
+
     def record_dropout(self, server_round: int, site: str, stage: str) -> None:
         self.secure.dropped.append(Dropout(server_round, site, stage))
         print(f"round {server_round:>3} | {site} dropped out at SecAgg+ stage {stage}", flush=True)

@@ -29,7 +29,7 @@ def build_strategy(cfg: FedMedConfig, num_sites: int, initial: Parameters) -> St
     per_round = sites_per_round(fed, num_sites)
     common: dict[str, Any] = {
         "fraction_fit": fed.fraction,
-        "fraction_evaluate": 1.0,
+        "fraction_evaluate": fed.evaluate_fraction,
         "min_fit_clients": per_round,
         "min_evaluate_clients": min(fed.min_sites, num_sites),
         "min_available_clients": per_round,

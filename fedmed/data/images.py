@@ -27,10 +27,11 @@ class ImageSplits:
 def _images(source: str, key: str, array: np.ndarray, channels: int | None) -> np.ndarray:
     if array.ndim == 3:
         array = array[:, :, :, None]
-    if array.ndim != 4 or array.shape[-1] not in (1, 3) or array.shape[0] == 0:
+    if array.ndim != 4 or array.shape[-1] not in (1, 3) or 0 in array.shape:
         raise DataError(
             source,
-            f"'{key}' has shape {array.shape}; expected (N, H, W) or (N, H, W, C) with C in (1, 3)",
+            f"'{key}' has shape {array.shape}; expected (N, H, W) or (N, H, W, C) with C in "
+            "(1, 3) and N, H, W > 0",
         )
     if channels is not None and array.shape[-1] != channels:
         raise DataError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.errors import DataError
+
+log = logging.getLogger("fedmed.data")
 
 
 @dataclass(frozen=True)
@@ -112,13 +115,41 @@ def read_table(path: Path, spec: TabularSpec) -> Table:
             f"labels {unknown} in column '{spec.label}' are outside the declared classes "
             f"{list(spec.classes)} (set dataset.classes)",
         )
+    if len(set(raw_labels.tolist())) < 2:
+        raise DataError(
+            str(path),
+            f"every row has label {raw_labels[0]:g} in column '{spec.label}'; a site needs "
+            "records of at least two classes to train a classifier",
+        )
     class_index = {float(c): i for i, c in enumerate(spec.classes)}
     labels = np.array([class_index[v] for v in raw_labels.tolist()], dtype=np.int64)
     for column in spec.zero_as_missing:
         if column in names:
             col = names.index(column)
             matrix[matrix[:, col] == 0.0, col] = math.nan
+    _check_all_missing_columns(path, matrix, names, spec)
     return Table(matrix, labels, tuple(names))
+
+
+def _check_all_missing_columns(
+    path: Path, matrix: np.ndarray, names: tuple[str, ...], spec: TabularSpec
+) -> None:
+    """A feature no row records: kept (as missing) only when a missing indicator carries it.
+
+    Real sites do this (the Swiss hospital recorded no cholesterol), and the missing-indicator
+    column lets the model learn it; without indicators the column would be a constant.
+    """
+    all_missing = np.isnan(matrix).all(axis=0)
+    empty = [name for name, missing in zip(names, all_missing, strict=True) if missing]
+    if not empty:
+        return
+    if not spec.missing_indicators:
+        raise DataError(
+            str(path),
+            f"columns {empty} have no recorded value in any row; drop them from "
+            "dataset.features or set dataset.missing_indicators=true",
+        )
+    log.warning("%s: columns %s have no recorded value; treated as missing", path, empty)
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,18 @@ from fedmed.models.linear import LinearClassifier
 def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 0) -> nn.Module:
     """A freshly initialised model; the same seed gives the same weights on every machine.
 
-    ``canaries > 0`` (empirical audit only) adds the audit's canary head.
+    ``canaries > 0`` (empirical audit only) adds the audit's canary head. Only the CPU
+    generator is seeded, inside a fork of its state: ``torch.manual_seed`` would also queue
+    a seeding of every accelerator (recording a stack trace each time, a measurable cost
+    when sites rebuild their model for every message) and would reset the caller's RNG.
     """
-    model = _build_base_model(name, schema, seed)
-    return CanaryHead(model, canaries, schema.num_classes) if canaries else model
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        model = _build_base_model(name, schema)
+        return CanaryHead(model, canaries, schema.num_classes) if canaries else model
 
 
-def _build_base_model(name: ModelName, schema: DataSchema, seed: int) -> nn.Module:
-    torch.manual_seed(seed)
+def _build_base_model(name: ModelName, schema: DataSchema) -> nn.Module:
     if name is ModelName.cnn:
         if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:
             raise ConfigError(

@@ -188,20 +188,26 @@ def train_private(
     """Train ``model`` in place with DP-SGD for one round of ``plan.steps`` steps.
 
     Read the weights from ``model`` itself afterwards: Opacus' wrapper shares its parameters
-    but prefixes their names with ``_module.``.
+    but prefixes their names with ``_module.``. The wrapper's hooks and per-sample gradients
+    are removed before returning: they form reference cycles that would otherwise keep every
+    round's model alive in a long-lived worker until a full garbage collection.
     """
     private = make_private_training(model, loss_fn, x, y, settings, dp, rng)
-    with warnings.catch_warnings():
-        # Opacus' hooks fire on module outputs when the input needs no gradient: expected.
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        result = train_local(
-            private.model,
-            private.loss_fn,
-            private.loader,
-            settings,
-            private.optimizer,
-            private=True,
-        )
+    try:
+        with warnings.catch_warnings():
+            # Opacus' hooks fire on module outputs when the input needs no gradient: expected.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            result = train_local(
+                private.model,
+                private.loss_fn,
+                private.loader,
+                settings,
+                private.optimizer,
+                private=True,
+            )
+    finally:
+        private.optimizer.zero_grad(set_to_none=True)
+        private.model.cleanup()  # type: ignore[operator]
     spent = [DPSteps(sigma, q, n) for sigma, q, n in private.engine.accountant.history]
     if spent != [plan]:
         raise RuntimeError(f"DP-SGD took {spent}, not the accounted plan {plan}")

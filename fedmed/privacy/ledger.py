@@ -89,27 +89,41 @@ def read_verified(path: Path, public_key: Ed25519PublicKey) -> list[dict[str, An
     entries: list[dict[str, Any]] = []
     previous = GENESIS_HASH
     for number, line in enumerate(raw.decode("utf-8", errors="replace").splitlines(), start=1):
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:
-            raise LedgerError(path, number, "not valid JSON (edited or truncated)") from None
-        if not isinstance(entry, dict) or "hash" not in entry or "signature" not in entry:
-            raise LedgerError(path, number, "entry lacks its hash or signature")
-        if entry.get("prev_hash") != previous:
-            raise LedgerError(
-                path, number, "broken hash chain (an entry was deleted, inserted or reordered)"
-            )
-        if entry_hash(entry) != entry["hash"]:
-            raise LedgerError(path, number, "content does not match its hash (entry edited)")
-        try:
-            public_key.verify(bytes.fromhex(entry["signature"]), entry["hash"].encode("ascii"))
-        except (InvalidSignature, ValueError):
-            raise LedgerError(
-                path, number, "bad signature (not signed by this site's key)"
-            ) from None
+        entry = _verified_line(path, number, line, previous, public_key)
         entries.append(entry)
         previous = entry["hash"]
     return entries
+
+
+def _verified_line(
+    path: Path, number: int, line: str, previous: str, public_key: Ed25519PublicKey
+) -> dict[str, Any]:
+    """One line's entry after its JSON, chain link, hash and signature are checked."""
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError:
+        raise LedgerError(path, number, "not valid JSON (edited or truncated)") from None
+    if not (
+        isinstance(entry, dict)
+        and isinstance(entry.get("hash"), str)
+        and isinstance(entry.get("signature"), str)
+    ):
+        raise LedgerError(path, number, "entry lacks its hash or signature")
+    if entry.get("prev_hash") != previous:
+        raise LedgerError(
+            path, number, "broken hash chain (an entry was deleted, inserted or reordered)"
+        )
+    try:
+        recomputed = entry_hash(entry)
+    except ValueError:  # NaN or infinity: never written by append_entry
+        recomputed = None
+    if recomputed != entry["hash"]:
+        raise LedgerError(path, number, "content does not match its hash (entry edited)")
+    try:
+        public_key.verify(bytes.fromhex(entry["signature"]), entry["hash"].encode("ascii"))
+    except (InvalidSignature, ValueError):
+        raise LedgerError(path, number, "bad signature (not signed by this site's key)") from None
+    return entry
 
 
 def append_entry(
