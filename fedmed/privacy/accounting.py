@@ -15,6 +15,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
+from typing import Any
+
+import numpy as np
 
 from fedmed.errors import ConfigError
 
@@ -34,10 +37,29 @@ class DPSteps:
     steps: int
 
 
+class _NumpyFFT:
+    """A ``scipy.fft`` backend that runs ``numpy.fft``, which keeps no plan cache.
+
+    PRV composes by FFT over meshes of millions of points whose length changes with every
+    step count; scipy's pocketfft keeps a plan for each recent length, so a long-lived site
+    process grew by up to ~1.5 GB (measured: benchmarks/memory.py). Same results, ~9% slower.
+    """
+
+    __ua_domain__ = "numpy.scipy.fft"
+
+    @staticmethod
+    def __ua_function__(method: Any, args: Any, kwargs: Any) -> Any:
+        implementation = getattr(np.fft, method.__name__, None)
+        return NotImplemented if implementation is None else implementation(*args, **kwargs)
+
+
 @contextmanager
-def _quiet_rdp_orders() -> Iterator[None]:
-    """PRV bounds its domain with RDP, which warns when its best order is the largest one."""
-    with warnings.catch_warnings():
+def _accountant_context() -> Iterator[None]:
+    """Opacus' accountants as a long-lived process needs them: no FFT plan cache, and quiet
+    (PRV bounds its domain with RDP, which warns when its best order is the largest one)."""
+    import scipy.fft
+
+    with warnings.catch_warnings(), scipy.fft.set_backend(_NumpyFFT):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
 
@@ -75,7 +97,7 @@ def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str
     acc = create_accountant(mechanism=accountant)
     acc.history = history
     extra = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
-    with _quiet_rdp_orders():
+    with _accountant_context():
         return float(acc.get_epsilon(delta=delta, **extra))
 
 
@@ -86,7 +108,7 @@ def calibrate_noise_multiplier(
     _check_accountant(accountant)
     from opacus.accountants.utils import get_noise_multiplier
 
-    with _quiet_rdp_orders():
+    with _accountant_context():
         sigma = get_noise_multiplier(
             target_epsilon=target_epsilon,
             target_delta=delta,
