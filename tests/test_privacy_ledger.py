@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedmed.configure import compose_config
+from fedmed.errors import SiteError
 from fedmed.privacy.ledger import (
     GENESIS_HASH,
     LedgerError,
@@ -17,6 +21,7 @@ from fedmed.privacy.ledger import (
     load_public_key,
     read_verified,
 )
+from fedmed.site import HospitalSite, SiteRuntime
 
 
 @pytest.fixture
@@ -101,3 +106,40 @@ def test_unwritable_ledger_raises_ledger_error(tmp_path: Path) -> None:
     blocked.write_text("a file where the ledger folder should be")
     with pytest.raises(LedgerError, match="cannot write"):
         append_entry(blocked / "ledger.jsonl", {"round": 1}, key, GENESIS_HASH)
+
+
+def test_a_write_cut_short_by_the_file_system_is_rolled_back(
+    ledger: tuple[Path, Path, Ed25519PrivateKey],
+) -> None:
+    """A real kernel refusal mid-write (file size limit: EFBIG, as a full disk gives ENOSPC):
+    the append fails with one clear error and the ledger still verifies, entries intact."""
+    path, pub, _ = ledger
+    size = path.stat().st_size
+    script = f"""
+import resource, signal
+from pathlib import Path
+from fedmed.privacy.ledger import LedgerError, append_entry, load_or_create_signing_key
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+key = load_or_create_signing_key(Path({str(path.parent / "site.key")!r}), Path({str(pub)!r}))
+resource.setrlimit(resource.RLIMIT_FSIZE, ({size} + 40, {size} + 40))
+prev = {json.loads(_lines(path)[-1])["hash"]!r}
+try:
+    append_entry(Path({str(path)!r}), {{"site": "va", "round": 4, "pad": "x" * 200}}, key, prev)
+except LedgerError as err:
+    print(err)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert f"privacy ledger {path}: cannot write the entry (File too large)" in proc.stdout
+    assert path.stat().st_size == size
+    assert [e["round"] for e in read_verified(path, load_public_key(pub))] == [1, 2, 3]
+
+
+def test_a_site_whose_ledger_cannot_be_written_declines_before_training(tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the ledger folder should be")
+    cfg = compose_config(["dataset=heart", "model=svm", "privacy=dp"])
+    site = HospitalSite(cfg, 0, SiteRuntime("run", blocked / "ledgers", deployed=False))
+    with pytest.raises(SiteError, match=r"cannot be written .*will not train unrecorded") as err:
+        site.fit([], {"server_round": 1})
+    assert str(blocked / "ledgers" / "cleveland.ledger.jsonl") in str(err.value)

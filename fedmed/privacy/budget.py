@@ -25,6 +25,7 @@ from fedmed.privacy.ledger import (
     GENESIS_HASH,
     LedgerError,
     append_entry,
+    ensure_writable,
     load_or_create_signing_key,
     read_verified,
 )
@@ -138,6 +139,7 @@ class PrivacyAccount:
 
     def __init__(self, policy: SitePolicy) -> None:
         self.policy = policy
+        ensure_writable(policy.ledger)
         self._key = load_or_create_signing_key(policy.signing_key, policy.public_key)
         self._check_public_key()
         self.entries = read_verified(policy.ledger, self._key.public_key())

@@ -95,6 +95,27 @@ def read_verified(path: Path, public_key: Ed25519PublicKey) -> list[dict[str, An
     return entries
 
 
+def _roll_back(path: Path, size: int) -> None:
+    """Cut a half-written line (disk full, file size limit): the ledger stays verifiable."""
+    try:
+        if path.exists() and path.stat().st_size > size:
+            os.truncate(path, size)
+    except OSError:
+        pass  # the next read names the truncated line; the site then refuses to train
+
+
+def ensure_writable(path: Path) -> None:
+    """Fail before training, not after, when the ledger cannot be written at all."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise LedgerError(
+            path, None, f"cannot be written ({exc.strerror}); the site will not train unrecorded"
+        ) from None
+
+
 def _verified_line(
     path: Path, number: int, line: str, previous: str, public_key: Ed25519PublicKey
 ) -> dict[str, Any]:
@@ -139,6 +160,7 @@ def append_entry(
     entry["signature"] = key.sign(entry["hash"].encode("ascii")).hex()
     line = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     is_new = not path.exists()
+    size_before = 0 if is_new else path.stat().st_size
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a", encoding="utf-8") as handle:
@@ -152,5 +174,6 @@ def append_entry(
             finally:
                 os.close(dir_fd)
     except OSError as exc:
+        _roll_back(path, size_before)
         raise LedgerError(path, None, f"cannot write the entry ({exc.strerror})") from None
     return entry

@@ -1,0 +1,106 @@
+"""No patient data leaves a site: every message the four heart-disease hospitals send in a real
+simulated run (DP, then DP + SecAgg+) holds only model arrays of the global model's shapes, the
+declared metric keys with scalar values or fixed-size histograms, and SecAgg+'s own protocol
+fields. Nothing is sized by the number of records (no raw rows, no per-record predictions).
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import MessageType, RecordDict
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
+from flwr.superlink.grid import InMemoryGrid
+
+from fedmed.configure import compose_config
+from fedmed.data import load_site
+from fedmed.metrics import HIST_BINS
+from fedmed.models import build_model
+from fedmed.secure.site_gate import SITE_RECORD
+from fedmed.simulation import simulate
+from fedmed.site import FIT_METRIC_KEYS, PRIVACY_METRIC_KEYS
+from fedmed.train import get_weights
+
+pytestmark = pytest.mark.slow
+
+EVALUATE_METRIC_KEYS = {"site", "num_examples", "loss_sum", "correct", "hist_pos", "hist_neg"}
+# SecAgg+ replies: public keys, encrypted key shares, the masked vector, unmasking shares.
+SECAGG_FIELDS = {"pk1", "pk2", "ctxts", "dsts", "masked_params", "nids", "shares"}
+
+
+@pytest.fixture
+def replies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, RecordDict]]:
+    """(message type, content) of every reply any site sends, as the grid receives it (a
+    copy: Flower's workflow moves the arrays out of the content as it reads them)."""
+    captured: list[tuple[str, RecordDict]] = []
+    send_and_receive = InMemoryGrid.send_and_receive
+
+    def spy(grid: InMemoryGrid, messages: Any, *args: Any, **kwargs: Any) -> Any:
+        received = list(send_and_receive(grid, messages, *args, **kwargs))
+        for message in received:
+            assert not message.has_error(), message.error
+            captured.append((message.metadata.message_type, copy.deepcopy(message.content)))
+        return received
+
+    monkeypatch.setattr(InMemoryGrid, "send_and_receive", spy)
+    return captured
+
+
+def _check_metric_values(metrics: dict[str, Any]) -> None:
+    for key, value in metrics.items():
+        if isinstance(value, bytes):  # the margin histograms: fixed bins, int64 counts
+            assert key in {"hist_pos", "hist_neg"}, key
+            assert len(value) == HIST_BINS * 8, (key, len(value))
+        else:
+            assert isinstance(value, (int, float, str)), (key, type(value))
+            if isinstance(value, str):
+                assert len(value) < 300, (key, value)
+
+
+def test_sites_send_only_model_arrays_counts_and_protocol_fields(
+    tmp_path: Path, replies: list[tuple[str, RecordDict]]
+) -> None:
+    allowed_fit = set(FIT_METRIC_KEYS) | set(PRIVACY_METRIC_KEYS)
+    for extra in (["privacy=dp"], ["privacy=dp", "secagg=secaggplus"]):
+        cfg = compose_config(["dataset=heart", "model=svm", "federation.rounds=1", *extra])
+        simulate(cfg, tmp_path / "-".join(extra))
+    shapes = [
+        a.shape for a in get_weights(build_model(cfg.model.name, load_site(cfg, 0).schema, 0))
+    ]
+
+    allowed_configs: dict[str, set[str]] = {
+        "fitres.metrics": allowed_fit,
+        "evaluateres.metrics": EVALUATE_METRIC_KEYS,
+        "fitres.status": {"code", "message"},
+        "evaluateres.status": {"code", "message"},
+        "secaggplus_configs": SECAGG_FIELDS,
+        SITE_RECORD: {"site"},
+    }
+    allowed_metric_records = {"fitres.num_examples", "evaluateres.loss", "evaluateres.num_examples"}
+    kinds = {"model arrays": 0, "masked (no arrays)": 0, "evaluation": 0}
+    for message_type, content in replies:
+        for name, record in content.config_records.items():
+            assert name in allowed_configs, name
+            assert set(record) <= allowed_configs[name], (name, set(record))
+            if name.endswith(".metrics"):
+                _check_metric_values(dict(record))
+        assert set(content.metric_records) <= allowed_metric_records, set(content.metric_records)
+        assert set(content.array_records) <= {"fitres.parameters"}, set(content.array_records)
+        if message_type == MessageType.EVALUATE:
+            kinds["evaluation"] += 1
+        elif "fitres.parameters" in content.array_records:
+            fit = recorddict_to_fitres(content, keep_input=True)
+            arrays = [np.load(io.BytesIO(t)) for t in fit.parameters.tensors]
+            if arrays:
+                assert [a.shape for a in arrays] == shapes
+                kinds["model arrays"] += 1
+            else:
+                assert "secaggplus_configs" in content.config_records  # the masked vector
+                kinds["masked (no arrays)"] += 1
+    # 4 sites, 1 round each run: model arrays without SecAgg+, masked vectors with it.
+    assert kinds == {"model arrays": 4, "masked (no arrays)": 4, "evaluation": 8}, kinds
