@@ -119,10 +119,10 @@ def npz_arrays(draw: st.DrawFn) -> dict[str, np.ndarray]:
     return arrays
 
 
-def _valid_npz() -> bytes:
+def _valid_npz(compressed: bool = False) -> bytes:
     rng = np.random.default_rng(0)
     buffer = io.BytesIO()
-    np.savez(
+    (np.savez_compressed if compressed else np.savez)(
         buffer,
         train_images=rng.integers(0, 256, (6, 4, 4), dtype=np.uint8),
         train_labels=np.array([[0], [1], [0], [1], [1], [0]]),
@@ -153,7 +153,11 @@ def test_npz_loader_on_random_arrays(tmp_path: Path, arrays: dict[str, np.ndarra
 
 
 @FUZZ
-@given(content=st.one_of(mutated(_valid_npz()), st.binary(max_size=300)))
+@given(
+    content=st.one_of(
+        mutated(_valid_npz()), mutated(_valid_npz(compressed=True)), st.binary(max_size=300)
+    )
+)
 def test_npz_loader_on_mutated_archive(tmp_path: Path, content: bytes) -> None:
     path = tmp_path / "site.npz"
     path.write_bytes(content)

@@ -12,6 +12,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedmed.config import FedMedConfig
+from fedmed.coordinator.strategies import sampling_fraction
 from fedmed.errors import FedMedError, SiteError
 from fedmed.secure.params import resolve_secagg
 from fedmed.secure.site_gate import (
@@ -127,3 +128,11 @@ def test_the_gate_records_the_round_range_and_injects_faults_by_stage() -> None:
     assert secure_round(ctxt) is None  # only while the site trains inside SecAgg+
     with pytest.raises(SiteError, match="injected fault: dropped out at stage 'share_keys'"):
         mod(_train_message({Key.STAGE: Stage.SHARE_KEYS}), ctxt, lambda m, c: m)
+
+
+def test_sampling_takes_the_planned_sites_or_fewer_when_some_are_down() -> None:
+    for total in (3, 4, 10, 101, 1000):
+        for per_round in range(1, total + 1):
+            fraction = sampling_fraction(per_round, total)
+            assert int(total * fraction) == per_round
+            assert all(int(up * fraction) <= up for up in range(1, total + 1))

@@ -23,16 +23,27 @@ def _no_metrics(_results: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
     return {}
 
 
+def sampling_fraction(per_round: int, num_sites: int) -> float:
+    """The fraction for Flower's sampler, which takes int(available x fraction) sites.
+
+    With every site connected this gives exactly ``per_round``; with some sites down (a
+    crashed hospital) it samples proportionally fewer, never more than are connected, instead
+    of waiting for the missing ones (Flower's sampler waits for ``min_available_clients``).
+    """
+    return (per_round + 0.5) / num_sites
+
+
 def build_strategy(cfg: FedMedConfig, num_sites: int, initial: Parameters) -> Strategy:
-    """The inner aggregation rule, sampling ``federation.fraction`` of the sites per round."""
+    """The inner aggregation rule, sampling ``federation.fraction`` of the sites per round;
+    a round goes ahead with at least ``federation.min_sites`` connected sites."""
     fed = cfg.federation
-    per_round = sites_per_round(fed, num_sites)
+    needed = min(fed.min_sites, num_sites)
     common: dict[str, Any] = {
-        "fraction_fit": fed.fraction,
+        "fraction_fit": sampling_fraction(sites_per_round(fed, num_sites), num_sites),
         "fraction_evaluate": fed.evaluate_fraction,
-        "min_fit_clients": per_round,
-        "min_evaluate_clients": min(fed.min_sites, num_sites),
-        "min_available_clients": per_round,
+        "min_fit_clients": needed,
+        "min_evaluate_clients": needed,
+        "min_available_clients": needed,
         "initial_parameters": initial,
         "on_fit_config_fn": _fit_config,
         "on_evaluate_config_fn": _fit_config,

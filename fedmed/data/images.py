@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,7 +87,15 @@ def load_medmnist(path: Path, num_classes: int | None, channels: int | None) -> 
             if missing:
                 raise DataError(source, f"missing keys {missing}; found {sorted(archive.files)}")
             arrays = {key: archive[key] for key in archive.files if key.split("_")[0] in SPLITS}
-    except (zipfile.BadZipFile, ValueError, OSError, EOFError) as exc:
+    except (
+        zipfile.BadZipFile,
+        ValueError,
+        OSError,
+        EOFError,
+        NotImplementedError,
+        zlib.error,
+    ) as exc:
+        # NotImplementedError: a zip feature Python lacks; zlib.error: corrupt compressed data
         raise DataError(source, f"not a readable .npz archive ({exc})") from None
 
     x_train = _images(source, "train_images", arrays["train_images"], channels)

@@ -139,6 +139,9 @@ def register_sites(kit: ServerKit, env: dict[str, str]) -> None:
             )
 
 
+SUPERNODE_RESTART_DELAY_S = 10.0
+
+
 def _stop_on_sigterm(_signum: int, _frame: object) -> None:
     raise SystemExit(143)
 
@@ -177,11 +180,25 @@ def server_start(kit_path: str, insecure: bool) -> int:
 
 
 def site_start(kit_path: str, insecure: bool) -> int:
-    """Run the hospital's SuperNode in the foreground."""
+    """Run the hospital's SuperNode in the foreground, restarting it whenever it exits.
+
+    A SuperNode exits when it cannot reach or activate with the coordinator (the coordinator
+    is down, or still holds this site's connection from before a crash: it lets go after two
+    missed heartbeats). An unattended hospital keeps trying; stopping this process stops it.
+    """
     kit = load_site_kit(kit_path)
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    return run_foreground(supernode_command(kit, insecure))
+    command = supernode_command(kit, insecure)
+    while True:
+        code = run_foreground(command)
+        print(
+            f"site '{kit.name}': the SuperNode exited with code {code}; restarting in "
+            f"{SUPERNODE_RESTART_DELAY_S:g} s (stop with Ctrl+C)",
+            file=sys.stderr,
+            flush=True,
+        )
+        time.sleep(SUPERNODE_RESTART_DELAY_S)
 
 
 def server_run(kit_path: str, overrides: list[str], insecure: bool, run_name: str) -> int:

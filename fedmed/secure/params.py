@@ -24,6 +24,9 @@ class SecAggParams:
     quantization_range: int
     max_weight: float
     timeout: float | None
+    # num_shares was left to default (one share per sampled site): it then follows the sites
+    # actually sampled, fewer when some are down, and the threshold keeps its proportion.
+    shares_follow_sampled: bool = False
 
     def max_quantization_error(self, weights: list[int]) -> float:
         """Bound on |aggregate - exact weighted mean| per value, for these site weights.
@@ -85,4 +88,5 @@ def resolve_secagg(cfg: FedMedConfig, total_sites: int) -> SecAggParams | None:
         sa.quantization_range,
         sa.max_weight,
         sa.timeout,
+        shares_follow_sampled=sa.num_shares is None,
     )

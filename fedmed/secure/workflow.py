@@ -51,11 +51,14 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
     def __init__(
         self, params: SecAggParams, strategy: FederatedStrategy, recorder: RunRecorder
     ) -> None:
+        shares: int | float = params.num_shares
         threshold: int | float = params.reconstruction_threshold
-        if threshold == params.num_shares:
+        if params.shares_follow_sampled:  # Flower: floats are proportions of those sampled
+            shares, threshold = 1.0, threshold / params.num_shares
+        elif threshold == params.num_shares:
             threshold = 1.0  # Flower: an int threshold must be < num_shares; 1.0 = all shares
         super().__init__(
-            num_shares=params.num_shares,
+            num_shares=shares,
             reconstruction_threshold=threshold,
             max_weight=params.max_weight,
             clipping_range=params.clipping_range,
