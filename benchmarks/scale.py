@@ -1,10 +1,10 @@
 """Scale (issue 7): wall time and peak memory of one `fedmed simulate` at 10, 100, 1,000 sites.
 
 SYNTHETIC heart-disease sites (`dataset=synthetic_heart`, ~100 records each), 10% of the sites
-sampled per round (at least 3, the SecAgg+ minimum), svm, DP on, SecAgg+ over the sampled
-sites with num_shares = 2*ceil(log2(sampled)) + 1 (all sampled sites for small rounds),
-3 rounds. Peak memory is the largest sum of RSS over the whole process tree (driver, Ray's
-processes, its workers), sampled every 0.2 s from /proc.
+sampled per round for training and 10% for evaluation (at least 3, the SecAgg+ minimum), svm,
+DP on, SecAgg+ over the sampled sites with num_shares = 2*ceil(log2(sampled)) + 1 (all
+sampled sites for small rounds), 3 rounds. Peak memory is the largest sum of RSS over the
+whole process tree (driver, Ray's processes, its workers), sampled every 0.2 s from /proc.
 
 Usage: .venv/bin/python benchmarks/scale.py [--sites 10 100 1000] [--rounds 3] [--quick]
 """
@@ -28,6 +28,7 @@ def scale_overrides(sites: int, rounds: int) -> list[str]:
         "dataset=synthetic_heart",
         f"federation.num_sites={sites}",
         "federation.fraction=0.1",
+        "federation.evaluate_fraction=0.1",
         "federation.min_sites=3",
         "model=svm",
         "privacy=dp",
