@@ -2,23 +2,26 @@
 
 For each case (10 sites x R rounds: synthetic heart svm, pneumonia cnn; non-private and DP) the
 same sites, data, models, seeds, rounds and local epochs are trained twice:
-- `fedmed simulate` (Flower + Ray), wall time of the whole process;
+- `fedmed simulate` (Flower + Ray): the coordinator's time per round (training requests to
+  the last evaluation reply), from summary.json;
 - one plain Python process: load each site's data once, then per round and site set the
   global weights, train (fedmed.train / Opacus DP-SGD, as the site does), average the
-  deltas, evaluate every site.
-Both are run with R and with 1 round. The per-round cost (time(R) - time(1)) / (R - 1)
-excludes every one-off cost on both sides (imports, Ray start-up, data loading, calibration)
-and gives the steady-state overhead ratio; the plain loop is warmed once first (imports, data
-and calibration cached in-process). The one-off start-up is reported separately as time(1)
-of simulate minus time(1) of the warm plain loop (so it includes fedmed's own imports and
-data loading in the Ray workers, not only the engine).
+  deltas, evaluate every site; each round timed the same way.
+The steady-state ratio compares the mean round time over rounds 2..R (round 1 carries the
+one-off work on both sides: Ray's workers importing torch and loading data, the noise
+calibration). With DP the plain loop is also timed with the site's budget check added (the
+accountant's epsilon after the round, one call per site and round, as every site must
+compute before it trains). The one-off start-up is the simulate process's wall time minus
+its rounds 2..R (engine start and shutdown, imports, data loading, calibration, round 1).
 
-Usage: .venv/bin/python benchmarks/overhead.py [--rounds 5] [--cases heart-svm ...] [--quick]
+Usage: .venv/bin/python benchmarks/overhead.py [--rounds 10] [--cases heart-svm ...] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -28,17 +31,20 @@ from common import run_cli, write_results
 
 CASES = {
     "heart-svm": ["dataset=synthetic_heart", "model=svm"],
-    "pneumonia-cnn": ["dataset=pneumonia", "model=cnn", "privacy.delta=1e-4"],
+    "pneumonia-cnn": ["dataset=pneumonia", "model=cnn"],
 }
 PRIVACY = {"none": ["privacy=none"], "dp": ["privacy=dp"]}
 
 
-def plain_loop(overrides: list[str]) -> float:
-    """The same local training as the federation, back to back in this process."""
+def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
+    """The same local training as the federation, back to back here; seconds per round.
+
+    ``account``: also compute each site's epsilon after the round, as its budget check does.
+    """
     from fedmed.configure import compose_config
     from fedmed.data import load_site, num_sites
     from fedmed.models import build_loss, build_model
-    from fedmed.privacy.accounting import DPSteps
+    from fedmed.privacy.accounting import cumulative_epsilon
     from fedmed.privacy.budget import dp_config
     from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
     from fedmed.train import (
@@ -50,26 +56,24 @@ def plain_loop(overrides: list[str]) -> float:
         train_local,
     )
 
-    started = time.perf_counter()
     cfg = compose_config(overrides)
     settings = TrainSettings.from_config(cfg)
     dp = dp_config(cfg)
     sites = [load_site(cfg, i) for i in range(num_sites(cfg))]
     loss_fn = build_loss(cfg.model.name)
     global_weights = get_weights(build_model(cfg.model.name, sites[0].schema, cfg.seed))
+    spent: dict[int, list[Any]] = {i: [] for i in range(len(sites))}
+    seconds = []
     for server_round in range(1, cfg.federation.rounds + 1):
+        started = time.perf_counter()
         deltas, counts = [], []
-        for site in sites:
+        for index, site in enumerate(sites):
             model = build_model(cfg.model.name, site.schema, cfg.seed)
             set_weights(model, global_weights)
             n = len(site.y_train)
             if dp is None:
-                loader = make_loader(
-                    site.x_train,
-                    site.y_train,
-                    settings.batch_size,
-                    cfg.seed * 100_003 + server_round,
-                )
+                seed = cfg.seed * 100_003 + server_round
+                loader = make_loader(site.x_train, site.y_train, settings.batch_size, seed)
                 train_local(model, loss_fn, loader, settings)
             else:
                 sigma = calibrated_noise(
@@ -81,7 +85,10 @@ def plain_loop(overrides: list[str]) -> float:
                     cfg.federation.rounds,
                     dp.accountant.value,
                 )
-                plan: DPSteps = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
+                plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
+                if account:
+                    spent[index].append(plan)
+                    cumulative_epsilon(spent[index], dp.delta, dp.accountant.value)
                 mechanism = DpSgdSettings(
                     sigma, dp.max_grad_norm, dp.clipping.value, dp.accountant.value
                 )
@@ -97,18 +104,21 @@ def plain_loop(overrides: list[str]) -> float:
             model = build_model(cfg.model.name, site.schema, cfg.seed)
             set_weights(model, global_weights)
             evaluate(model, loss_fn, site.x_test, site.y_test, site.num_classes)
-    return time.perf_counter() - started
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
-def simulate_wall(overrides: list[str], workdir: Path) -> float:
+def simulate_rounds(overrides: list[str], workdir: Path) -> tuple[list[float], float]:
+    """Seconds per round (the coordinator's clock) and the wall time of the whole process."""
     out = Path(tempfile.mkdtemp(dir=workdir))
     _, wall = run_cli("simulate", [*overrides, f"hydra.run.dir={out}"])
-    return wall
+    history = json.loads((out / "summary.json").read_text())["history"]
+    return [float(h["seconds"]) for h in history], wall
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
     parser.add_argument("--sites", type=int, default=10)
     parser.add_argument("--quick", action="store_true", help="3 sites, 2 rounds; writes nothing")
@@ -119,35 +129,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for case in args.cases:
             for privacy, privacy_args in PRIVACY.items():
-                base = [*CASES[case], *privacy_args, f"federation.num_sites={args.sites}"]
-                times = {}
-                plain_loop([*base, "federation.rounds=1"])  # warm: imports, data, calibration
-                for rounds in (1, args.rounds):
-                    overrides = [*base, f"federation.rounds={rounds}"]
-                    times[("simulate", rounds)] = simulate_wall(overrides, Path(tmp))
-                    times[("plain", rounds)] = plain_loop(overrides)
-                per_round = {
-                    k: (times[(k, args.rounds)] - times[(k, 1)]) / (args.rounds - 1)
-                    for k in ("simulate", "plain")
-                }
-                row = {
+                overrides = [
+                    *CASES[case],
+                    *privacy_args,
+                    f"federation.num_sites={args.sites}",
+                    f"federation.rounds={args.rounds}",
+                ]
+                plain_loop([*overrides[:-1], "federation.rounds=1"])  # warm: imports, data
+                sim_rounds, sim_wall = simulate_rounds(overrides, Path(tmp))
+                plain_rounds = plain_loop(overrides)
+                row: dict[str, Any] = {
                     "case": case,
                     "privacy": privacy,
-                    "rounds": args.rounds,
-                    "simulate_seconds": {str(r): times[("simulate", r)] for r in (1, args.rounds)},
-                    "plain_seconds": {str(r): times[("plain", r)] for r in (1, args.rounds)},
-                    "per_round_simulate": per_round["simulate"],
-                    "per_round_plain": per_round["plain"],
-                    "ratio": per_round["simulate"] / per_round["plain"],
-                    "startup_seconds": times[("simulate", 1)] - times[("plain", 1)],
+                    "overrides": overrides,
+                    "simulate_round_seconds": sim_rounds,
+                    "plain_round_seconds": plain_rounds,
+                    "per_round_simulate": statistics.fmean(sim_rounds[1:]),
+                    "per_round_plain": statistics.fmean(plain_rounds[1:]),
+                    "simulate_wall_seconds": sim_wall,
+                    "startup_seconds": sim_wall - sum(sim_rounds[1:]),
                 }
-                rows.append(row)
-                print(
-                    f"{case} {privacy}: per round {per_round['simulate']:.2f}s vs plain "
-                    f"{per_round['plain']:.2f}s = {row['ratio']:.2f}x; start-up "
-                    f"{row['startup_seconds']:.1f}s",
-                    flush=True,
+                row["ratio"] = row["per_round_simulate"] / row["per_round_plain"]
+                line = (
+                    f"{case} {privacy}: per round {row['per_round_simulate']:.3f}s vs plain "
+                    f"{row['per_round_plain']:.3f}s = {row['ratio']:.2f}x"
                 )
+                if privacy == "dp":
+                    accounted = plain_loop(overrides, account=True)
+                    row["plain_with_accounting_round_seconds"] = accounted
+                    row["per_round_plain_with_accounting"] = statistics.fmean(accounted[1:])
+                    row["ratio_with_accounting"] = (
+                        row["per_round_simulate"] / row["per_round_plain_with_accounting"]
+                    )
+                    line += (
+                        f"; plain + budget check {row['per_round_plain_with_accounting']:.3f}s"
+                        f" = {row['ratio_with_accounting']:.2f}x"
+                    )
+                rows.append(row)
+                print(f"{line}; start-up {row['startup_seconds']:.1f}s", flush=True)
     write_results("overhead.json", rows, args.quick)
 
 

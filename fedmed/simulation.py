@@ -17,9 +17,11 @@ from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.budget import check_delta, dp_config, site_policy
 from fedmed.site_app import make_client_app
 
-# One CPU per simulated site: asking Ray for more CPUs than the machine has hangs.
+# One CPU per simulated site: asking Ray for more CPUs than the machine has hangs. A worker
+# process that dies (killed, out of memory) is restarted by Ray; the message it held fails
+# and is recorded, and is never retried (a retried fit would train and spend privacy twice).
 BACKEND_CONFIG: dict[str, Any] = {
-    "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+    "client_resources": {"num_cpus": 1, "num_gpus": 0.0, "max_restarts": -1, "max_task_retries": 0},
     "init_args": {
         "include_dashboard": False,
         "log_to_driver": False,
