@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import MeasuredRun, measured_run, write_results
+from common import RESULTS, MeasuredRun, measured_run, write_results
 
 CASES = {
     "pneumonia-cnn-dp": [
@@ -80,6 +80,11 @@ def main() -> None:
                 f"(target <= {TARGET_RATIO}: {verdict}); long run {early:.2f} -> {late:.2f} GiB",
                 flush=True,
             )
+    # Keep the other cases' rows from earlier runs: `--cases X` re-measures X only.
+    earlier = RESULTS / "memory.json"
+    kept = json.loads(earlier.read_text()) if earlier.exists() else []
+    measured = {row["case"] for row in rows}
+    rows = [row for row in kept if row["case"] not in measured] + rows
     write_results("memory.json", rows, args.quick or (short, long) != (5, 50))
 
 
