@@ -91,16 +91,18 @@ def test_sites_send_only_model_arrays_counts_and_protocol_fields(
                 _check_metric_values(dict(record))
         assert set(content.metric_records) <= allowed_metric_records, set(content.metric_records)
         assert set(content.array_records) <= {"fitres.parameters"}, set(content.array_records)
-        if message_type == MessageType.EVALUATE:
-            kinds["evaluation"] += 1
-        elif "fitres.parameters" in content.array_records:
+        secure = content.config_records.get("secaggplus_configs", {})
+        arrays = []
+        if "fitres.parameters" in content.array_records:
             fit = recorddict_to_fitres(content, keep_input=True)
             arrays = [np.load(io.BytesIO(t)) for t in fit.parameters.tensors]
-            if arrays:
-                assert [a.shape for a in arrays] == shapes
-                kinds["model arrays"] += 1
-            else:
-                assert "secaggplus_configs" in content.config_records  # the masked vector
-                kinds["masked (no arrays)"] += 1
+        if message_type == MessageType.EVALUATE:
+            kinds["evaluation"] += 1
+        elif "masked_params" in secure:  # the masked vector travels as protocol integers
+            assert arrays == []
+            kinds["masked (no arrays)"] += 1
+        elif arrays:
+            assert [a.shape for a in arrays] == shapes
+            kinds["model arrays"] += 1
     # 4 sites, 1 round each run: model arrays without SecAgg+, masked vectors with it.
     assert kinds == {"model arrays": 4, "masked (no arrays)": 4, "evaluation": 8}, kinds

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,11 +106,19 @@ def _roll_back(path: Path, size: int) -> None:
 
 
 def ensure_writable(path: Path) -> None:
-    """Fail before training, not after, when the ledger cannot be written at all."""
+    """Fail before training, not after, when the ledger cannot be written at all.
+
+    Checks without creating the ledger: a site that then declines for another reason leaves
+    no empty ledger behind.
+    """
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("a", encoding="utf-8"):
-            pass
+        if path.exists():
+            with path.open("a", encoding="utf-8"):
+                pass
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=path.parent):
+                pass
     except OSError as exc:
         raise LedgerError(
             path, None, f"cannot be written ({exc.strerror}); the site will not train unrecorded"

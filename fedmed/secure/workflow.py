@@ -45,6 +45,17 @@ class NamingGrid:
         return replies
 
 
+def _once_each(stage: str, failures: list[Exception]) -> list[BaseException | Any]:
+    """Flower 1.41 appends every error of the collect_masked_vectors stage twice (once while
+    summing the masked vectors, once while building the legacy results); keep one of each."""
+    half = len(failures) // 2
+    texts = [str(f) for f in failures]
+    kept = len(failures)
+    if stage == "collect_masked_vectors" and half and texts[:half] == texts[half:]:
+        kept = half
+    return [failure for failure in failures[:kept]]
+
+
 class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
     """SecAgg+ whose dropouts and failed rounds land in the run's summary."""
 
@@ -99,7 +110,7 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
             # 1.41 would still ask the others for its shares at unmask (and fail on them).
             state.sampled_node_ids &= state.active_node_ids
         server_round = self._current_round(context)
-        self.recorder.record_failures(server_round, stage, list(state.failures))
+        self.recorder.record_failures(server_round, stage, _once_each(stage, state.failures))
         state.failures.clear()  # recorded here, with their stage; not again in aggregate_fit
         for node in sorted(before - set(state.active_node_ids)):
             self.recorder.record_dropout(server_round, self._name(node), stage)
