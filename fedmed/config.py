@@ -167,6 +167,10 @@ class FederationConfig:
     evaluate_fraction: float = 1.0
     min_sites: int = 2
     local_epochs: int = 1
+    # Seconds the coordinator waits for the sites' replies in a round (with SecAgg+: in each
+    # stage). A site that crashes after taking its work may rejoin under the same node id,
+    # and Flower then never reports the lost reply: without a limit the round waits forever.
+    round_timeout: float | None = 600.0
 
 
 def sites_per_round(fed: FederationConfig, total_sites: int) -> int:
@@ -322,6 +326,12 @@ def validate(cfg: FedMedConfig) -> None:
         "federation.evaluate_fraction",
         fed.evaluate_fraction,
         "a number in (0, 1]",
+    )
+    _require(
+        fed.round_timeout is None or fed.round_timeout > 0,
+        "federation.round_timeout",
+        fed.round_timeout,
+        "a number of seconds > 0 (or null: wait forever)",
     )
     _require(fed.min_sites >= 1, "federation.min_sites", fed.min_sites, "an integer >= 1")
     _require(fed.local_epochs >= 1, "federation.local_epochs", fed.local_epochs, "an integer >= 1")

@@ -26,6 +26,9 @@ from tests.e2e import REPO
 
 pytestmark = pytest.mark.slow
 SITES = ("cleveland", "hungary", "switzerland", "va")
+# VA may come back under its node id before the SuperLink reports its lost reply; the round
+# then ends at this timeout, with VA recorded as not replying.
+ROUND_TIMEOUT_S = 150
 
 
 def _free_port() -> int:
@@ -81,6 +84,12 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     finally:
         procs.stop_all()
         assert all(p.poll() is not None for p in procs.started)
+
+
+def _tails(logs: Path) -> str:
+    """The end of every process's log, for a failure message."""
+    tails = [f"--- {log.name}\n{log.read_text(errors='replace')[-2500:]}" for log in logs.iterdir()]
+    return "\n".join(sorted(tails))
 
 
 def _wait_for(path: Path, text: str, timeout: float = 60) -> None:
@@ -166,19 +175,24 @@ def test_four_hospitals_over_tls_with_dp_and_secagg(tmp_path: Path, processes: P
         "run",
         _fedmed("server", "run", "--kit", str(server_kit), "--name", "e2e",
                 "dataset=heart_kits", f"dataset.site_kits=[{kit_list}]", "privacy=dp",
-                "secagg=secaggplus", "federation.rounds=4"),
+                "secagg=secaggplus", "federation.rounds=3",
+                f"federation.round_timeout={ROUND_TIMEOUT_S}"),
     )  # fmt: skip
 
-    # Crash: VA's SuperNode (its whole process group) is killed once VA has recorded round 2,
+    # Crash: VA's SuperNode (its whole process group) is killed once VA has recorded round 1,
     # i.e. mid-round, before or while its update travels; then VA's IT restarts it.
-    _wait_for_lines(tmp_path / "ledgers" / "va.ledger.jsonl", 2, timeout=600)
+    _wait_for_lines(tmp_path / "ledgers" / "va.ledger.jsonl", 1, timeout=600)
     os.killpg(sites["va"].pid, signal.SIGKILL)
     sites["va"].wait()
     processes.start("va-restarted", _fedmed("site", "start", str(kits[SITES.index("va")])))
-    assert run.wait(timeout=900) == 0, (logs / "run.log").read_text()[-4000:]
+    try:
+        code = run.wait(timeout=900)
+    except subprocess.TimeoutExpired:
+        code = None
+    assert code == 0, _tails(logs)
 
     summary = json.loads((tmp_path / "runs" / "e2e" / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["rounds_completed"] == 4
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 3
     secure = summary["secure_aggregation"]
     assert secure["protocol"] == "secaggplus"
     # Only VA was lost, and only while it was down; the others trained every round.
@@ -191,9 +205,9 @@ def test_four_hospitals_over_tls_with_dp_and_secagg(tmp_path: Path, processes: P
                                                         / "ledger.pub"))  # fmt: skip
         rounds = [e["round"] for e in entries]
         if site == "va":  # an entry for an update that never arrived is fine: over-counting
-            assert rounds[:2] == [1, 2] and rounds[-1] == 4, rounds  # rejoined
+            assert rounds[0] == 1 and rounds[-1] == 3, rounds  # rejoined
         else:
-            assert rounds == [1, 2, 3, 4]
+            assert rounds == [1, 2, 3]
         assert entries[-1]["epsilon"] <= 1.0
         assert summary["sites"][site]["privacy"]["ledger"] == str(ledger)
 

@@ -18,8 +18,8 @@ from flwr.common import Message, MessageType, parameters_to_ndarrays
 from fedmed.config import FedMedConfig
 from fedmed.configure import compose_config
 from fedmed.coordinator.federated import FederatedStrategy
+from fedmed.coordinator.grid import ObservedGrid
 from fedmed.secure.params import resolve_secagg
-from fedmed.secure.workflow import NamingGrid
 from fedmed.simulation import simulate
 from fedmed.site import HospitalSite, SiteRuntime
 from tests.e2e import read_summary, run_fedmed
@@ -34,7 +34,7 @@ class Instrumented:
         self.rounds: dict[int, dict[str, Any]] = {}
         self.replies: list[Message] = []
         aggregate_fit = FederatedStrategy.aggregate_fit
-        send_and_receive = NamingGrid.send_and_receive
+        send_and_receive = ObservedGrid.send_and_receive
 
         def spy_aggregate(
             strategy: FederatedStrategy, server_round: int, results: list, failures: list
@@ -47,13 +47,13 @@ class Instrumented:
             }
             return aggregate_fit(strategy, server_round, results, failures)
 
-        def spy_send(grid: NamingGrid, messages: Any, *args: Any, **kwargs: Any) -> Any:
+        def spy_send(grid: ObservedGrid, messages: Any, *args: Any, **kwargs: Any) -> Any:
             replies = send_and_receive(grid, messages, *args, **kwargs)
             self.replies.extend(replies)
             return replies
 
         monkeypatch.setattr(FederatedStrategy, "aggregate_fit", spy_aggregate)
-        monkeypatch.setattr(NamingGrid, "send_and_receive", spy_send)
+        monkeypatch.setattr(ObservedGrid, "send_and_receive", spy_send)
 
 
 def _exact_mean_delta(

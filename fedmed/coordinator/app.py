@@ -16,6 +16,7 @@ from flwr.serverapp import ServerApp
 from fedmed.config import FedMedConfig
 from fedmed.coordinator import checkpoint
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
+from fedmed.coordinator.grid import ObservedGrid
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.data import data_schema, num_sites
@@ -64,7 +65,10 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     strategy.global_weights = weights
     legacy = LegacyContext(
         context,
-        config=ServerConfig(num_rounds=max(cfg.federation.rounds - done, 0)),
+        config=ServerConfig(
+            num_rounds=max(cfg.federation.rounds - done, 0),
+            round_timeout=cfg.federation.round_timeout,
+        ),
         strategy=strategy,
     )
     secure = resolve_secagg(cfg, total_sites)
@@ -74,7 +78,8 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     )
     try:
         if done < cfg.federation.rounds:
-            DefaultWorkflow(fit_workflow=fit_workflow)(grid, legacy)
+            observed = ObservedGrid(grid, recorder, round_offset=done)
+            DefaultWorkflow(fit_workflow=fit_workflow)(observed, legacy)  # type: ignore[arg-type]
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)
     finally:

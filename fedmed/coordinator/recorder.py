@@ -133,6 +133,14 @@ class RunRecorder:
         self.failures.append(Failure(site, server_round, "fit", message))
         print(f"round {server_round:>3} | fit failed at {site}: {message}", flush=True)
 
+    def record_no_reply(
+        self, server_round: int, site: str, stage: str, timeout: float | None
+    ) -> None:
+        """A site that took its message but never answered within the round's timeout."""
+        message = f"site '{site}': no reply within federation.round_timeout ({timeout} s)"
+        self.failures.append(Failure(site, server_round, stage, message))
+        print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
+
     def record_dropout(self, server_round: int, site: str, stage: str) -> None:
         self.secure.dropped.append(Dropout(server_round, site, stage))
         print(f"round {server_round:>3} | {site} dropped out at SecAgg+ stage {stage}", flush=True)

@@ -59,6 +59,9 @@ def superlink_command(kit: ServerKit, insecure: bool) -> list[str]:
         "--host", host,
         "--port", port,
         "--database", str(Path(kit.state) / "superlink.db"),
+        # The ServerApp runs in this environment: Flower would otherwise `uv sync` a fresh
+        # one per run from the package's requirements (GBs of CUDA wheels, from the network).
+        "--disable-runtime-dependency-installation",
     ]  # fmt: skip
     if insecure:
         return [*command, "--insecure"]

@@ -87,6 +87,6 @@ def resolve_secagg(cfg: FedMedConfig, total_sites: int) -> SecAggParams | None:
         sa.clipping_range,
         sa.quantization_range,
         sa.max_weight,
-        sa.timeout,
+        sa.timeout if sa.timeout is not None else cfg.federation.round_timeout,
         shares_follow_sampled=sa.num_shares is None,
     )

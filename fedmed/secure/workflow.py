@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-from flwr.common import Message
 from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -19,30 +18,11 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
+from fedmed.coordinator.grid import ObservedGrid
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.secure.params import SecAggParams
-from fedmed.secure.site_gate import SITE_RECORD
 
 Stage = Callable[[Grid, LegacyContext, WorkflowState], bool]
-
-
-class NamingGrid:
-    """A Grid proxy that learns each node's site name from the replies that carry it."""
-
-    def __init__(self, grid: Grid, names: dict[int, str]) -> None:
-        self._grid = grid
-        self._names = names
-
-    def __getattr__(self, attr: str) -> Any:
-        return getattr(self._grid, attr)
-
-    def send_and_receive(self, messages: Any, *args: Any, **kwargs: Any) -> list[Message]:
-        replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
-        for reply in replies:
-            if not reply.has_error() and SITE_RECORD in reply.content.config_records:
-                site = reply.content.config_records[SITE_RECORD]["site"]
-                self._names[reply.metadata.src_node_id] = str(site)
-        return replies
 
 
 def _once_each(stage: str, failures: list[Exception]) -> list[BaseException | Any]:
@@ -79,12 +59,18 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.params = params
         self.strategy = strategy
         self.recorder = recorder
-        self.node_names: dict[int, str] = {}
+        self._grid: ObservedGrid | None = None
         self._survivors = 0
 
     def __call__(self, grid: Grid, context: Any) -> None:
         server_round = self._current_round(context)
-        super().__call__(NamingGrid(grid, self.node_names), context)  # type: ignore[arg-type]
+        observed = (
+            grid
+            if isinstance(grid, ObservedGrid)
+            else ObservedGrid(grid, self.recorder, self.strategy.round_offset)
+        )
+        self._grid = observed
+        super().__call__(observed, context)  # type: ignore[arg-type]
         if self.strategy.last_aggregated_round != server_round:
             self._round_failed(server_round)
 
@@ -118,7 +104,7 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
         return ok
 
     def _name(self, node: int) -> str:
-        return self.node_names.get(node) or f"node {node}"
+        return self._grid.site_name(node) if self._grid is not None else f"node {node}"
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         return self._observed("setup", super().setup_stage, grid, context, state)

@@ -1,0 +1,63 @@
+"""The coordinator's view of the Grid: which site is behind each node, and who never replied.
+
+Flower's workflows drop a message that got no reply before ``federation.round_timeout``
+without a word. A hospital whose SuperNode crashed after taking its work and came back under
+the same node id is such a case: the SuperLink never reports that reply as lost. This proxy
+records every unanswered message as the site's failure for that round and stage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from flwr.common import Message
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+from fedmed.coordinator.recorder import RunRecorder
+
+
+class ObservedGrid:
+    """A Grid proxy that learns site names from replies and records the missing replies."""
+
+    def __init__(self, grid: Any, recorder: RunRecorder, round_offset: int = 0) -> None:
+        self._grid = grid
+        self._recorder = recorder
+        self._round_offset = round_offset
+        self.node_names: dict[int, str] = {}
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._grid, attr)
+
+    def site_name(self, node: int) -> str:
+        return self.node_names.get(node) or f"node {node}"
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *args: Any, **kwargs: Any
+    ) -> list[Message]:
+        sent = list(messages)
+        replies = list(self._grid.send_and_receive(sent, *args, **kwargs))
+        for reply in replies:
+            if reply.has_content():
+                for record in reply.content.config_records.values():
+                    if "site" in record:
+                        self.node_names[reply.metadata.src_node_id] = str(record["site"])
+        # Error replies (node unavailable) come from the SuperLink: match by message id.
+        answered = {reply.metadata.reply_to_message_id for reply in replies}
+        for message in sent:  # the Grid gave each sent message its id
+            if message.metadata.message_id not in answered:
+                self._recorder.record_no_reply(
+                    int(message.metadata.group_id or 0) + self._round_offset,
+                    self.site_name(message.metadata.dst_node_id),
+                    _stage(message),
+                    kwargs.get("timeout"),
+                )
+        return replies
+
+
+def _stage(message: Message) -> str:
+    """The SecAgg+ stage a message asks for, else its type (train, evaluate)."""
+    secagg = message.content.config_records.get(RECORD_KEY_CONFIGS)
+    if secagg is not None and Key.STAGE in secagg:
+        return str(secagg[Key.STAGE])
+    return message.metadata.message_type
