@@ -9,12 +9,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+T = TypeVar("T")
 
 
 def run_cli(command: str, args: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
@@ -118,6 +120,11 @@ def write_results(filename: str, data: Any, quick: bool) -> None:
         return
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / filename).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def quick_subset(items: Sequence[T], quick: bool) -> list[T]:
+    """All ``items``, or in a ``--quick`` run only the first: each code path runs once."""
+    return list(items[:1] if quick else items)
 
 
 def mean_sd(values: list[float]) -> dict[str, float]:

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import REPO, mean_sd, run
+from common import REPO, mean_sd, quick_subset, run
 
 # (label, dataset/model overrides)
 COMPARISONS = [
@@ -45,7 +45,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
-        "--quick", action="store_true", help="2 rounds, 1 seed: checks the script runs"
+        "--quick",
+        action="store_true",
+        help="2 rounds, 1 seed, first case of each table: checks the script runs",
     )
     parser.add_argument(
         "--out", type=Path, default=REPO / "benchmarks" / "results" / "core_federation.json"
@@ -65,7 +67,7 @@ def main() -> None:
             "auc": demo["global"]["auc"],
         }
         print(f"demo: accuracy {demo['global']['accuracy']:.4f} in {demo_wall:.1f}s", flush=True)
-        for label, overrides in COMPARISONS:
+        for label, overrides in quick_subset(COMPARISONS, args.quick):
             row: dict[str, Any] = {}
             for kind, command, mode in (
                 ("pooled", "baseline", ["mode=pooled"]),
@@ -87,7 +89,7 @@ def main() -> None:
                     flush=True,
                 )
             results["comparisons"][label] = row
-        for label, overrides in PARTITIONS:
+        for label, overrides in quick_subset(PARTITIONS, args.quick):
             aucs, accs = [], []
             for seed in seeds:
                 summary, _ = run("simulate", [*overrides, *extra, f"seed={seed}"], workdir)

@@ -18,13 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, mean_sd, run, run_cli
+from common import RESULTS, mean_sd, quick_subset, run, run_cli
 
 HEART_DP = ["dataset=heart", "privacy=dp", "privacy.target_epsilon=1.0", "privacy.delta=1e-3"]
 HEART_DP += ["secagg=off"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "federation.num_sites=4", "dataset.partition=iid"]
 PNEUMONIA_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4", "model.lr=0.02"]
-SWEEP = "+epsilon=eps0_5,eps1,eps2,eps4,eps8,none"
 SWEEP_EPSILON = {"eps0_5": 0.5, "eps1": 1.0, "eps2": 2.0, "eps4": 4.0, "eps8": 8.0}
 
 
@@ -51,24 +50,28 @@ def _federated(overrides: list[str], seeds: list[int], workdir: Path) -> dict[st
     return row
 
 
-def heart(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+def heart(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dict[str, Any]:
     return {
-        m: _federated([*HEART_DP, f"model={m}", *extra], seeds, workdir) for m in ("svm", "logreg")
+        m: _federated([*HEART_DP, f"model={m}", *extra], seeds, workdir)
+        for m in quick_subset(["svm", "logreg"], quick)
     }
 
 
-def pneumonia(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+def pneumonia(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dict[str, Any]:
+    cases = {"dp_eps3": [*PNEUMONIA, *PNEUMONIA_DP], "non_private": PNEUMONIA}
     return {
-        "dp_eps3": _federated([*PNEUMONIA, *PNEUMONIA_DP, *extra], seeds, workdir),
-        "non_private": _federated([*PNEUMONIA, *extra], seeds, workdir),
+        name: _federated([*cases[name], *extra], seeds, workdir)
+        for name in quick_subset(list(cases), quick)
     }
 
 
-def sweep(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any]:
+def sweep(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dict[str, Any]:
     """One ``--multirun`` over epsilon (and seeds), then a plot of accuracy/AUC vs epsilon."""
     sweep_dir = workdir / "sweep"
     seed_list = ",".join(str(s) for s in seeds)
-    args = ["--multirun", "dataset=heart", "model=svm", SWEEP, f"seed={seed_list}", *extra]
+    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), "none"])
+    args = ["--multirun", "dataset=heart", "model=svm", f"+epsilon={levels}", f"seed={seed_list}"]
+    args += extra
     run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
     by_level: dict[str, dict[str, list[Any]]] = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
@@ -187,7 +190,7 @@ def main() -> None:
         "--only", nargs="+", default=["heart", "pneumonia", "sweep", "epoch"],
         choices=["heart", "pneumonia", "sweep", "epoch"],
     )  # fmt: skip
-    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed")
+    parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, first cases")
     parser.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
     args = parser.parse_args()
     seeds = [0] if args.quick else args.seeds
@@ -196,15 +199,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if "heart" in args.only:
-            results["heart_eps1"] = {"seeds": seeds, **heart(seeds, extra, workdir)}
+            results["heart_eps1"] = {"seeds": seeds, **heart(seeds, extra, workdir, args.quick)}
         if "pneumonia" in args.only:
-            results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir)}
+            results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir, args.quick)}
         if "sweep" in args.only:
-            results["utility_vs_epsilon"] = {"seeds": seeds, **sweep(seeds, extra, workdir)}
-            if not args.quick:
-                plot_sweep(
-                    results["utility_vs_epsilon"]["levels"], RESULTS / "utility_vs_epsilon.png"
-                )
+            results["utility_vs_epsilon"] = {
+                "seeds": seeds,
+                **sweep(seeds, extra, workdir, args.quick),
+            }
+            plot = workdir if args.quick else RESULTS  # a quick run draws it, and keeps nothing
+            plot_sweep(results["utility_vs_epsilon"]["levels"], plot / "utility_vs_epsilon.png")
         if "epoch" in args.only:
             results["epoch_time"] = epoch_times(1 if args.quick else 5, args.quick)
     if not args.quick:
