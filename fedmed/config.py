@@ -171,6 +171,9 @@ class FederationConfig:
     # stage). A site that crashes after taking its work may rejoin under the same node id,
     # and Flower then never reports the lost reply: without a limit the round waits forever.
     round_timeout: float | None = 600.0
+    # Seconds the coordinator waits before round 1 for every site to connect; then it starts
+    # with those connected. Flower sizes a round by the sites connected at that moment.
+    connect_timeout: float = 60.0
 
 
 def sites_per_round(fed: FederationConfig, total_sites: int) -> int:
@@ -332,6 +335,12 @@ def validate(cfg: FedMedConfig) -> None:
         "federation.round_timeout",
         fed.round_timeout,
         "a number of seconds > 0 (or null: wait forever)",
+    )
+    _require(
+        fed.connect_timeout >= 0,
+        "federation.connect_timeout",
+        fed.connect_timeout,
+        "a number of seconds >= 0",
     )
     _require(fed.min_sites >= 1, "federation.min_sites", fed.min_sites, "an integer >= 1")
     _require(fed.local_epochs >= 1, "federation.local_epochs", fed.local_epochs, "an integer >= 1")

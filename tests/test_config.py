@@ -132,6 +132,7 @@ def test_bad_model_option_lists_models(compose):
         ("federation.fraction=0", "federation.fraction"),
         ("federation.evaluate_fraction=0", "federation.evaluate_fraction"),
         ("federation.round_timeout=0", "federation.round_timeout"),
+        ("federation.connect_timeout=-1", "federation.connect_timeout"),
         ("federation.evaluate_fraction=2", "federation.evaluate_fraction"),
         ("federation.rounds=0", "federation.rounds"),
         ("federation.min_sites=0", "federation.min_sites"),

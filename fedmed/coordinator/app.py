@@ -78,7 +78,10 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     )
     try:
         if done < cfg.federation.rounds:
-            observed = ObservedGrid(grid, recorder, round_offset=done)
+            observed = ObservedGrid(
+                grid, recorder, round_offset=done, round_timeout=cfg.federation.round_timeout
+            )
+            observed.wait_for_sites(total_sites, cfg.federation.connect_timeout)
             DefaultWorkflow(fit_workflow=fit_workflow)(observed, legacy)  # type: ignore[arg-type]
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)

@@ -1,13 +1,16 @@
-"""The coordinator's view of the Grid: which site is behind each node, and who never replied.
+"""The coordinator's view of the Grid: which sites are connected, which site is behind each
+node, and who never replied.
 
-Flower's workflows drop a message that got no reply before ``federation.round_timeout``
-without a word. A hospital whose SuperNode crashed after taking its work and came back under
-the same node id is such a case: the SuperLink never reports that reply as lost. This proxy
+Flower's workflows drop a message that got no reply before the timeout without a word, and
+its plain (non-SecAgg+) rounds wait with no timeout at all. A hospital whose SuperNode crashed
+after taking its work and came back under the same node id is such a case: the SuperLink never
+reports that reply as lost. This proxy bounds every wait by ``federation.round_timeout`` and
 records every unanswered message as the site's failure for that round and stage.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -16,14 +19,24 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from fedmed.coordinator.recorder import RunRecorder
 
+# How often the coordinator looks for newly connected sites while it waits for them.
+CONNECT_POLL_S = 0.05
+
 
 class ObservedGrid:
     """A Grid proxy that learns site names from replies and records the missing replies."""
 
-    def __init__(self, grid: Any, recorder: RunRecorder, round_offset: int = 0) -> None:
+    def __init__(
+        self,
+        grid: Any,
+        recorder: RunRecorder,
+        round_offset: int = 0,
+        round_timeout: float | None = None,
+    ) -> None:
         self._grid = grid
         self._recorder = recorder
         self._round_offset = round_offset
+        self._round_timeout = round_timeout
         self.node_names: dict[int, str] = {}
 
     def __getattr__(self, attr: str) -> Any:
@@ -35,6 +48,8 @@ class ObservedGrid:
     def send_and_receive(
         self, messages: Iterable[Message], *args: Any, **kwargs: Any
     ) -> list[Message]:
+        if kwargs.get("timeout") is None:  # Flower's plain rounds pass none
+            kwargs["timeout"] = self._round_timeout
         sent = list(messages)
         replies = list(self._grid.send_and_receive(sent, *args, **kwargs))
         for reply in replies:
@@ -53,6 +68,25 @@ class ObservedGrid:
                     kwargs.get("timeout"),
                 )
         return replies
+
+    def wait_for_sites(self, expected: int, timeout: float) -> int:
+        """Wait until ``expected`` sites are connected, at most ``timeout`` seconds.
+
+        Flower's sampler sizes a round by the sites connected at that moment; in simulation
+        the nodes register in another thread while the coordinator starts, so without this
+        wait round 1 could train only the first few. Returns how many are connected.
+        """
+        deadline = time.monotonic() + timeout
+        while (connected := len(list(self._grid.get_node_ids()))) < expected:
+            if time.monotonic() >= deadline:
+                print(
+                    f"only {connected} of {expected} sites connected after "
+                    f"federation.connect_timeout={timeout:g} s; starting with those",
+                    flush=True,
+                )
+                break
+            time.sleep(CONNECT_POLL_S)
+        return connected
 
 
 def _stage(message: Message) -> str:
