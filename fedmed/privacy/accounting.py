@@ -22,10 +22,13 @@ import numpy as np
 from fedmed.errors import ConfigError
 
 ACCOUNTANTS = ("prv", "rdp", "gdp")
-# PRV reports its estimate plus this error bound (an upper bound on epsilon). Opacus' default
-# 0.01 is absolute, i.e. 2% at epsilon 0.5; 1e-3 keeps the recorded epsilon within 0.3% of
-# an independent PLD recomputation for about twice the (sub-second) compute.
-PRV_EPS_ERROR = 1e-3
+# PRV reports its estimate plus an error bound ``eps_error`` (an upper bound on epsilon), which
+# Opacus takes as absolute (default 0.01: 2% at epsilon 0.5). We ask for this fraction of the
+# epsilon itself (of its RDP upper bound, which is cheap), so the recorded epsilon stays within
+# 0.3% of an independent PLD recomputation at every size. An absolute bound would have to be
+# the finest one ever needed, and PRV's mesh grows as sqrt(steps) / eps_error: the working
+# memory of a site's budget check grew 5x over a 50-round run (benchmarks/memory.py).
+PRV_RELATIVE_EPS_ERROR = 0.0025
 
 
 @dataclass(frozen=True)
@@ -73,7 +76,9 @@ def accountant_record(name: str) -> dict[str, str]:
     """Accountant name, library and version, as recorded in ledger entries."""
     _check_accountant(name)
     record = {"name": name, "library": "opacus", "version": version("opacus")}
-    return {**record, "eps_error": str(PRV_EPS_ERROR)} if name == "prv" else record
+    if name == "prv":
+        return {**record, "eps_error": f"{PRV_RELATIVE_EPS_ERROR:g} x RDP epsilon"}
+    return record
 
 
 def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
@@ -86,19 +91,25 @@ def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
-def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str) -> float:
-    """Epsilon after composing all ``records`` at ``delta``; 0 for no records."""
-    _check_accountant(accountant)
-    history = _merged(records)
-    if not history:
-        return 0.0
+def _opacus_epsilon(
+    history: list[tuple[float, float, int]], delta: float, accountant: str
+) -> float:
     from opacus.accountants import create_accountant
 
     acc = create_accountant(mechanism=accountant)
     acc.history = history
-    extra = {"eps_error": PRV_EPS_ERROR} if accountant == "prv" else {}
     with _accountant_context():
-        return float(acc.get_epsilon(delta=delta, **extra))
+        if accountant != "prv":
+            return float(acc.get_epsilon(delta=delta))
+        eps_error = PRV_RELATIVE_EPS_ERROR * _opacus_epsilon(history, delta, "rdp")
+        return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
+
+
+def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str) -> float:
+    """Epsilon after composing all ``records`` at ``delta``; 0 for no records."""
+    _check_accountant(accountant)
+    history = _merged(records)
+    return _opacus_epsilon(history, delta, accountant) if history else 0.0
 
 
 def calibrate_noise_multiplier(
