@@ -38,16 +38,16 @@ def replies(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, RecordDict]]:
     """(message type, content) of every reply any site sends, as the grid receives it (a
     copy: Flower's workflow moves the arrays out of the content as it reads them)."""
     captured: list[tuple[str, RecordDict]] = []
-    send_and_receive = InMemoryGrid.send_and_receive
+    pull_messages = InMemoryGrid.pull_messages
 
-    def spy(grid: InMemoryGrid, messages: Any, *args: Any, **kwargs: Any) -> Any:
-        received = list(send_and_receive(grid, messages, *args, **kwargs))
+    def spy(grid: InMemoryGrid, message_ids: Any) -> Any:
+        received = list(pull_messages(grid, message_ids))
         for message in received:
             assert not message.has_error(), message.error
             captured.append((message.metadata.message_type, copy.deepcopy(message.content)))
         return received
 
-    monkeypatch.setattr(InMemoryGrid, "send_and_receive", spy)
+    monkeypatch.setattr(InMemoryGrid, "pull_messages", spy)
     return captured
 
 

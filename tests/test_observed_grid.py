@@ -3,8 +3,8 @@ site name, round and stage (Flower's workflows drop such messages without a word
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flwr.common import ConfigRecord, Error, Message, RecordDict
@@ -22,22 +22,40 @@ def run_identity(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setattr(TaskIdentity, attribute, 1)
 
 
-class TwoOfThreeGrid:
-    """Delivers to nodes 1, 2, 3; node 3 took its message and never answered."""
+class FakeGrid:
+    """Flower's Grid surface the coordinator uses: push gives ids, pull returns ready replies.
 
-    def __init__(self) -> None:
-        self.calls = 0
+    ``silent`` nodes take their message and never answer; ``error`` nodes are reported lost
+    by the SuperLink; the rest answer, each after ``delay_polls`` pulls.
+    """
 
-    def send_and_receive(self, messages: list[Message], *, timeout: float | None) -> list[Message]:
-        self.calls += 1
+    def __init__(self, silent: set[int] = frozenset(), error: set[int] = frozenset(),
+                 delay_polls: int = 0) -> None:  # fmt: skip
+        self.silent, self.error, self.delay_polls = set(silent), set(error), delay_polls
+        self.pushed: dict[str, Message] = {}
+        self.polls = 0
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for message in messages:
+            message.metadata.__dict__["_message_id"] = message_id = f"m{len(self.pushed)}"
+            self.pushed[message_id] = message
+            ids.append(message_id)
+        return ids
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        self.polls += 1
+        if self.polls <= self.delay_polls:
+            return []
         replies = []
-        for number, message in enumerate(messages):
-            message.metadata.__dict__["_message_id"] = f"m{self.calls}-{number}"
+        for message_id in message_ids:
+            message = self.pushed[message_id]
             node = message.metadata.dst_node_id
-            if node == 3 and self.calls > 1:
-                continue
-            content = RecordDict({"fitres.metrics": ConfigRecord({"site": f"site{node}"})})
-            replies.append(Message(content, reply_to=message))
+            if node in self.error:
+                replies.append(Message(Error(code=5, reason="node unavailable"), reply_to=message))
+            elif node not in self.silent:
+                content = RecordDict({"fitres.metrics": ConfigRecord({"site": f"site{node}"})})
+                replies.append(Message(content, reply_to=message))
         return replies
 
 
@@ -45,50 +63,52 @@ def _train(node: int, server_round: int) -> Message:
     return Message(RecordDict(), dst_node_id=node, message_type="train", group_id=str(server_round))
 
 
+def _recorder(tmp_path: Path, sites: int = 3) -> RunRecorder:
+    return RunRecorder(compose_config(["dataset=heart"]), tmp_path, sites)
+
+
 def test_a_site_that_never_replies_is_recorded_by_name_round_and_stage(tmp_path: Path) -> None:
-    recorder = RunRecorder(compose_config(["dataset=heart"]), tmp_path, 3)
-    grid = ObservedGrid(TwoOfThreeGrid(), recorder, round_offset=2)
+    recorder = _recorder(tmp_path)
+    inner = FakeGrid()
+    grid = ObservedGrid(inner, recorder, round_offset=2, reply_poll_s=0.001)
 
     first = grid.send_and_receive([_train(n, 1) for n in (1, 2, 3)], timeout=30.0)
     assert len(first) == 3 and recorder.failures == []
     assert grid.site_name(3) == "site3" and grid.site_name(9) == "node 9"
 
-    second = grid.send_and_receive([_train(n, 2) for n in (1, 2, 3)], timeout=30.0)
+    inner.silent = {3}
+    second = grid.send_and_receive([_train(n, 2) for n in (1, 2, 3)], timeout=0.05)
     assert len(second) == 2
     [failure] = recorder.failures
     assert (failure.site, failure.round, failure.stage) == ("site3", 4, "train")
-    assert "no reply within federation.round_timeout (30.0 s)" in failure.error
+    assert "no reply within federation.round_timeout (0.05 s)" in failure.error
 
 
 def test_an_error_reply_from_the_superlink_counts_as_an_answer(tmp_path: Path) -> None:
-    class ErrorGrid:
-        def send_and_receive(self, messages: list[Message], **_: Any) -> list[Message]:
-            for number, message in enumerate(messages):
-                message.metadata.__dict__["_message_id"] = f"e{number}"
-            return [Message(Error(code=5, reason="node unavailable"), reply_to=m) for m in messages]
+    recorder = _recorder(tmp_path, 2)
+    grid = ObservedGrid(FakeGrid(error={7}), recorder)
+    replies = grid.send_and_receive([_train(7, 1)], timeout=5.0)
+    assert len(replies) == 1 and replies[0].has_error() and recorder.failures == []
 
-    recorder = RunRecorder(compose_config(["dataset=heart"]), tmp_path, 2)
-    replies = ObservedGrid(ErrorGrid(), recorder).send_and_receive([_train(7, 1)], timeout=5.0)
-    assert len(replies) == 1 and recorder.failures == []
+
+def test_replies_are_collected_as_soon_as_they_arrive(tmp_path: Path) -> None:
+    """The coordinator polls on its own short interval (Flower's deployment grid sleeps 3 s)."""
+    inner = FakeGrid(delay_polls=4)
+    grid = ObservedGrid(inner, _recorder(tmp_path), reply_poll_s=0.01)
+    started = time.monotonic()
+    assert len(grid.send_and_receive([_train(n, 1) for n in (1, 2)], timeout=60.0)) == 2
+    assert inner.polls == 5 and time.monotonic() - started < 1.0
 
 
 def test_a_plain_round_without_a_timeout_waits_at_most_the_round_timeout(tmp_path: Path) -> None:
     """Flower's plain fit and evaluate workflows call send_and_receive with no timeout."""
-    inner = TwoOfThreeGrid()
-    timeouts: list[float | None] = []
-    send = inner.send_and_receive
-
-    def spy(messages: list[Message], *, timeout: float | None) -> list[Message]:
-        timeouts.append(timeout)
-        return send(messages, timeout=timeout)
-
-    inner.send_and_receive = spy  # type: ignore[method-assign]
-    recorder = RunRecorder(compose_config(["dataset=heart"]), tmp_path, 3)
-    grid = ObservedGrid(inner, recorder, round_timeout=45.0)
-    grid.send_and_receive([_train(1, 1)])
-    grid.send_and_receive([_train(1, 2)], timeout=None)
-    grid.send_and_receive([_train(1, 3)], timeout=7.0)  # a SecAgg+ stage's own timeout stays
-    assert timeouts == [45.0, 45.0, 7.0]
+    recorder = _recorder(tmp_path)
+    grid = ObservedGrid(FakeGrid(silent={1}), recorder, round_timeout=0.2, reply_poll_s=0.01)
+    started = time.monotonic()
+    assert grid.send_and_receive([_train(1, 1)]) == []
+    assert 0.2 <= time.monotonic() - started < 2.0
+    grid.send_and_receive([_train(1, 2)], timeout=0.05)  # a SecAgg+ stage's own timeout stays
+    assert [f.error.split("(")[1] for f in recorder.failures] == ["0.2 s)", "0.05 s)"]
 
 
 class ConnectingGrid:
@@ -105,7 +125,7 @@ class ConnectingGrid:
 
 
 def test_round_one_waits_until_every_site_has_connected(tmp_path: Path) -> None:
-    recorder = RunRecorder(compose_config(["dataset=heart"]), tmp_path, 4)
+    recorder = _recorder(tmp_path, 4)
     inner = ConnectingGrid(connect_every=3, total=4)
     assert ObservedGrid(inner, recorder).wait_for_sites(4, timeout=30.0) == 4
     assert inner.polls == 12
@@ -114,7 +134,7 @@ def test_round_one_waits_until_every_site_has_connected(tmp_path: Path) -> None:
 def test_a_site_that_never_connects_delays_round_one_only_by_the_connect_timeout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    recorder = RunRecorder(compose_config(["dataset=heart"]), tmp_path, 4)
+    recorder = _recorder(tmp_path, 4)
     grid = ObservedGrid(ConnectingGrid(connect_every=1, total=3), recorder)
     assert grid.wait_for_sites(4, timeout=0.3) == 3
     assert "only 3 of 4 sites connected after federation.connect_timeout=0.3 s" in (

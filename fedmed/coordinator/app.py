@@ -16,7 +16,11 @@ from flwr.serverapp import ServerApp
 from fedmed.config import FedMedConfig
 from fedmed.coordinator import checkpoint
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
-from fedmed.coordinator.grid import ObservedGrid
+from fedmed.coordinator.grid import (
+    DEPLOYMENT_REPLY_POLL_S,
+    SIMULATION_REPLY_POLL_S,
+    ObservedGrid,
+)
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.data import data_schema, num_sites
@@ -26,9 +30,13 @@ from fedmed.secure.workflow import RecordedSecAggPlusWorkflow
 from fedmed.train import get_weights, set_weights
 
 GLOBAL_MODEL_FILE = "global_model.pt"
-# The simulation grid sleeps this long between polls for replies (Flower's default, 0.1 s, is
-# paid twice per round, for training and for evaluation, whatever the sites' speed).
-SIMULATION_PULL_INTERVAL_S = 0.01
+
+
+def _reply_poll_interval(grid: Grid) -> float:
+    """Simulation answers a poll in-process; deployment's poll is a request to the SuperLink."""
+    from flwr.superlink.grid import InMemoryGrid
+
+    return SIMULATION_REPLY_POLL_S if isinstance(grid, InMemoryGrid) else DEPLOYMENT_REPLY_POLL_S
 
 
 def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir: Path) -> dict:
@@ -79,7 +87,11 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     try:
         if done < cfg.federation.rounds:
             observed = ObservedGrid(
-                grid, recorder, round_offset=done, round_timeout=cfg.federation.round_timeout
+                grid,
+                recorder,
+                round_offset=done,
+                round_timeout=cfg.federation.round_timeout,
+                reply_poll_s=_reply_poll_interval(grid),
             )
             observed.wait_for_sites(total_sites, cfg.federation.connect_timeout)
             DefaultWorkflow(fit_workflow=fit_workflow)(observed, legacy)  # type: ignore[arg-type]
@@ -99,10 +111,6 @@ def make_server_app(cfg: FedMedConfig, output_dir: Path) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from flwr.superlink.grid import InMemoryGrid
-
-        if isinstance(grid, InMemoryGrid):
-            grid.pull_interval = SIMULATION_PULL_INTERVAL_S
         run_coordinator(grid, context, cfg, output_dir)
 
     return app

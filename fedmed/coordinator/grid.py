@@ -6,6 +6,10 @@ its plain (non-SecAgg+) rounds wait with no timeout at all. A hospital whose Sup
 after taking its work and came back under the same node id is such a case: the SuperLink never
 reports that reply as lost. This proxy bounds every wait by ``federation.round_timeout`` and
 records every unanswered message as the site's failure for that round and stage.
+
+It also waits for replies itself, over the Grid's public ``push_messages`` / ``pull_messages``:
+Flower's own loops sleep between polls (0.1 s in simulation, a hard-coded 3 s in deployment),
+and every exchange of every round pays that sleep whatever the sites' speed.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from fedmed.coordinator.recorder import RunRecorder
 
 # How often the coordinator looks for newly connected sites while it waits for them.
 CONNECT_POLL_S = 0.05
+# How often it asks for replies: in simulation a poll is an in-process lookup; in deployment
+# it is one request to the SuperLink.
+SIMULATION_REPLY_POLL_S = 0.01
+DEPLOYMENT_REPLY_POLL_S = 0.25
 
 
 class ObservedGrid:
@@ -32,11 +40,13 @@ class ObservedGrid:
         recorder: RunRecorder,
         round_offset: int = 0,
         round_timeout: float | None = None,
+        reply_poll_s: float = DEPLOYMENT_REPLY_POLL_S,
     ) -> None:
         self._grid = grid
         self._recorder = recorder
         self._round_offset = round_offset
         self._round_timeout = round_timeout
+        self._reply_poll_s = reply_poll_s
         self.node_names: dict[int, str] = {}
 
     def __getattr__(self, attr: str) -> Any:
@@ -46,12 +56,16 @@ class ObservedGrid:
         return self.node_names.get(node) or f"node {node}"
 
     def send_and_receive(
-        self, messages: Iterable[Message], *args: Any, **kwargs: Any
+        self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> list[Message]:
-        if kwargs.get("timeout") is None:  # Flower's plain rounds pass none
-            kwargs["timeout"] = self._round_timeout
+        """Send, then collect replies until all have come or the timeout has passed.
+
+        Flower's plain rounds pass no timeout: ``federation.round_timeout`` bounds them.
+        """
+        if timeout is None:
+            timeout = self._round_timeout
         sent = list(messages)
-        replies = list(self._grid.send_and_receive(sent, *args, **kwargs))
+        replies = self._collect_replies(set(self._grid.push_messages(sent)), timeout)
         for reply in replies:
             if reply.has_content():
                 for record in reply.content.config_records.values():
@@ -65,8 +79,20 @@ class ObservedGrid:
                     int(message.metadata.group_id or 0) + self._round_offset,
                     self.site_name(message.metadata.dst_node_id),
                     _stage(message),
-                    kwargs.get("timeout"),
+                    timeout,
                 )
+        return replies
+
+    def _collect_replies(self, pending: set[str], timeout: float | None) -> list[Message]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            pulled = list(self._grid.pull_messages(list(pending)))
+            replies.extend(pulled)
+            pending -= {reply.metadata.reply_to_message_id for reply in pulled}
+            if not pending or (deadline is not None and time.monotonic() >= deadline):
+                break
+            time.sleep(self._reply_poll_s)
         return replies
 
     def wait_for_sites(self, expected: int, timeout: float) -> int:
