@@ -13,6 +13,9 @@ calibration). With DP the plain loop is also timed with the site's budget check 
 accountant's epsilon after the round, one call per site and round, as every site must
 compute before it trains). The one-off start-up is the simulate process's wall time minus
 its rounds 2..R (engine start and shutdown, imports, data loading, calibration, round 1).
+Beside each case, flower_floor.py runs the same federation with sites that do no work: its
+round time is Flower and Ray's own cost for the round's messages, and simulate minus that
+floor is what fedmed's sites and coordinator take per round, compared with the plain loop.
 
 Usage: .venv/bin/python benchmarks/overhead.py [--rounds 10] [--cases heart-svm ...] [--quick]
 """
@@ -22,6 +25,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -116,6 +121,20 @@ def simulate_rounds(overrides: list[str], workdir: Path) -> tuple[list[float], f
     return [float(h["seconds"]) for h in history], wall
 
 
+def flower_floor_rounds(overrides: list[str]) -> list[float]:
+    """Seconds per round of the same federation with sites that train nothing."""
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("flower_floor.py")), *overrides],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"flower_floor.py {overrides} failed:\n{proc.stderr[-2000:]}")
+    rounds: list[float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return rounds
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=10)
@@ -130,6 +149,15 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for case in quick_subset(args.cases, args.quick):
+            floor_rounds = flower_floor_rounds(
+                [
+                    *CASES[case],
+                    f"federation.num_sites={args.sites}",
+                    f"federation.rounds={args.rounds}",
+                ]
+            )
+            floor = statistics.fmean(floor_rounds[1:])
+            print(f"{case}: Flower alone (sites that do no work) {floor:.3f}s per round")
             for privacy, privacy_args in PRIVACY.items():
                 overrides = [
                     *CASES[case],
@@ -150,11 +178,17 @@ def main() -> None:
                     "per_round_plain": statistics.fmean(plain_rounds[1:]),
                     "simulate_wall_seconds": sim_wall,
                     "startup_seconds": sim_wall - sum(sim_rounds[1:]),
+                    "flower_floor_round_seconds": floor_rounds,
+                    "per_round_flower_floor": floor,
                 }
                 row["ratio"] = row["per_round_simulate"] / row["per_round_plain"]
+                row["ratio_above_flower_floor"] = (row["per_round_simulate"] - floor) / row[
+                    "per_round_plain"
+                ]
                 line = (
                     f"{case} {privacy}: per round {row['per_round_simulate']:.3f}s vs plain "
-                    f"{row['per_round_plain']:.3f}s = {row['ratio']:.2f}x"
+                    f"{row['per_round_plain']:.3f}s = {row['ratio']:.2f}x; above Flower's "
+                    f"floor {row['ratio_above_flower_floor']:.2f}x"
                 )
                 if privacy == "dp":
                     accounted = plain_loop(overrides, account=True)

@@ -131,7 +131,8 @@ def plot_sweep(rows: dict[str, Any], path: Path) -> None:
 
 
 def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, Any]:
-    """Median epoch time of plain SGD and DP-SGD (ghost, hooks) at one site, alternating."""
+    """Median epoch time of plain SGD and DP-SGD at one site, alternating, in every per-sample
+    gradient mode Opacus offers (ghost clipping, hooks, ExpandedWeights, functorch)."""
     from fedmed.configure import compose_config
     from fedmed.data import load_site
     from fedmed.models import build_loss, build_model
@@ -155,7 +156,13 @@ def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, An
             train_local(p.model, p.loss_fn, p.loader, settings, p.optimizer, private=True)
         return time.perf_counter() - started
 
-    modes = {"plain": None, "dp ghost": "ghost", "dp hooks": "hooks"}
+    modes = {
+        "plain": None,
+        "dp ghost": "ghost",
+        "dp hooks": "hooks",
+        "dp ew": "ew",
+        "dp functorch": "functorch",
+    }
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(repeats):
         for name, mode in modes.items():

@@ -30,8 +30,11 @@ BACKEND_CONFIG: dict[str, Any] = {
 }
 
 
-def quiet_flower() -> None:
-    """Keep Flower's INFO chatter out of the progress output (FEDMED_VERBOSE=1 shows it)."""
+def prepare_engine() -> None:
+    """Keep Flower's INFO chatter out of the progress output (FEDMED_VERBOSE=1 shows it), and
+    set Ray up for CPU-only workers."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Flower's state DB migrations
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # under Hydra every Flower line would print twice
@@ -60,14 +63,12 @@ def simulate(cfg: FedMedConfig, output_dir: Path) -> dict[str, Any]:
     check_privacy_setup(cfg, output_dir)
     if cfg.resume:
         checkpoint.load(output_dir)  # a missing or foreign checkpoint fails here, in one line
-    quiet_flower()
+    prepare_engine()
     from flwr.simulation import run_simulation
 
     output_dir.mkdir(parents=True, exist_ok=True)
     summary_path = output_dir / "summary.json"
     summary_path.unlink(missing_ok=True)
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=make_server_app(cfg, output_dir),
         client_app=make_client_app(cfg, output_dir),
