@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from fedmed.process_tree import descendants
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 T = TypeVar("T")
@@ -45,31 +47,10 @@ def run(command: str, overrides: list[str], workdir: Path) -> tuple[dict[str, An
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def _parents() -> dict[int, int]:
-    """pid -> parent pid for every process (Linux /proc)."""
-    parents = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            parents[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])
-    return parents
-
-
 def tree_rss(root: int) -> int:
     """Resident memory of a process and all its descendants, in bytes."""
-    parents = _parents()
-    tree, grew = {root}, True
-    while grew:
-        grew = False
-        for pid, parent in parents.items():
-            if parent in tree and pid not in tree:
-                tree.add(pid)
-                grew = True
     total = 0
-    for pid in tree:
+    for pid in [root, *descendants(root)]:
         try:
             total += int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * PAGE
         except OSError:

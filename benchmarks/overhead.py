@@ -50,8 +50,9 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
     from fedmed.data import load_site, num_sites
     from fedmed.models import build_loss, build_model
     from fedmed.privacy.accounting import cumulative_epsilon
-    from fedmed.privacy.budget import dp_config
+    from fedmed.privacy.budget import dp_config, site_policy
     from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
+    from fedmed.site_policy import SiteRuntime, site_setup
     from fedmed.train import (
         TrainSettings,
         evaluate,
@@ -68,6 +69,12 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
     loss_fn = build_loss(cfg.model.name)
     global_weights = get_weights(build_model(cfg.model.name, sites[0].schema, cfg.seed))
     spent: dict[int, list[Any]] = {i: [] for i in range(len(sites))}
+    # Each site's delta and accountant come from its kit (generated from the run when it has
+    # none), exactly as the site takes them; nothing is written.
+    runtime = SiteRuntime("plain-loop", Path(tempfile.mkdtemp()), False)
+    policies = (
+        [site_policy(site_setup(cfg, i, runtime).kit) for i in range(len(sites))] if dp else []
+    )
     seconds = []
     for server_round in range(1, cfg.federation.rounds + 1):
         started = time.perf_counter()
@@ -81,21 +88,22 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
                 loader = make_loader(site.x_train, site.y_train, settings.batch_size, seed)
                 train_local(model, loss_fn, loader, settings)
             else:
+                policy = policies[index]
                 sigma = calibrated_noise(
                     dp.target_epsilon or 1.0,
-                    dp.delta,
+                    policy.delta,
                     n,
                     settings.batch_size,
                     settings.epochs,
                     cfg.federation.rounds,
-                    dp.accountant.value,
+                    policy.accountant,
                 )
                 plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
                 if account:
                     spent[index].append(plan)
-                    cumulative_epsilon(spent[index], dp.delta, dp.accountant.value)
+                    cumulative_epsilon(spent[index], policy.delta, policy.accountant)
                 mechanism = DpSgdSettings(
-                    sigma, dp.max_grad_norm, dp.clipping.value, dp.accountant.value
+                    sigma, dp.max_grad_norm, dp.clipping.value, policy.accountant
                 )
                 train_private(model, loss_fn, site.x_train, site.y_train, settings, mechanism, plan)
             deltas.append([a - b for a, b in zip(get_weights(model), global_weights, strict=True)])

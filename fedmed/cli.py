@@ -190,7 +190,8 @@ def run_hydra_command(
     if not any(
         a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args
     ):
-        compose_config(first_of_each_sweep(overrides), config_name)
+        multirun = any(a in ("--multirun", "-m") for a in args)
+        compose_config(first_of_each_sweep(overrides, multirun), config_name)
     from fedmed.config import register_schemas
 
     register_schemas()

@@ -11,7 +11,8 @@ from typing import Any, TypeVar
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import HydraException, MissingConfigException
+from hydra.core.override_parser.types import Override, ValueType
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
@@ -46,15 +47,71 @@ def to_typed(cfg: DictConfig) -> FedMedConfig:
     return typed
 
 
-def first_of_each_sweep(overrides: list[str]) -> list[str]:
-    """Replace sweep overrides (``seed=1,2,3``) by their first value, to check one job early."""
+OVERRIDE_GRAMMAR = "https://hydra.cc/docs/advanced/override_grammar/basic/"
+_LEXER_PREFIX = "LexerNoViableAltException: "
+
+
+def bad_override_message(override: str, hydra_message: str) -> str:
+    """One line for an override Hydra cannot parse: the override, why, and the form to use.
+
+    Hydra's message spans several lines (the parser's token list, a caret line, a link).
+    """
+    lines = [
+        line
+        for line in hydra_message.splitlines()
+        if line.strip() and not line.startswith(("See https://", "Error parsing override"))
+    ]
+    reason = lines[0].split(" expecting ")[0] if lines else "not an override"
+    if reason.startswith(_LEXER_PREFIX) and len(lines) > 1:
+        position = lines[1].find("^") - len(_LEXER_PREFIX)
+        if 0 <= position < len(override):
+            reason = f"unexpected character {override[position]!r} at position {position + 1}"
+    return (
+        f"config error: cannot parse the override '{override}' ({reason}); write KEY=VALUE "
+        f"(e.g. federation.rounds=3; grammar: {OVERRIDE_GRAMMAR})"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> list[Override]:
+    """Hydra's parse of the command-line overrides; a malformed one is one ``FedMedError``."""
+    parser = OverridesParser.create()
+    parsed = []
+    for text in overrides:
+        try:
+            parsed.extend(parser.parse_overrides([text]))
+        except OverrideParseException as exc:
+            raise FedMedError(bad_override_message(text, exc.message)) from None
+    return parsed
+
+
+def first_of_each_sweep(overrides: list[str], multirun: bool = True) -> list[str]:
+    """Replace sweep overrides (``seed=1,2,3``) by their first value, to check one job early.
+
+    Without ``--multirun`` a sweep is refused here: Hydra's own refusal spans several lines.
+    """
     out = []
-    for override in OverridesParser.create().parse_overrides(overrides):
+    for override in parse_overrides(overrides):
+        line = override.input_line or ""
+        if override.is_sweep_override() and not multirun:
+            key = override.get_key_element()
+            raise FedMedError(
+                f"config error: the override '{line}' is a sweep; add --multirun to run one job "
+                f"per value, or write a list as {key}=[...]"
+            )
         if override.is_sweep_override():
-            first = next(iter(override.sweep_string_iterator()))
+            try:
+                first = next(iter(override.sweep_string_iterator()))
+            except (HydraException, StopIteration) as exc:
+                problem = str(exc).splitlines()[0] if str(exc) else "it has no values"
+                if override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+                    problem = "glob() sweeps are not supported"
+                raise FedMedError(
+                    f"config error: cannot sweep the override '{line}' ({problem}); list the "
+                    "values (seed=1,2,3) or use range(start,stop) with start < stop"
+                ) from None
             out.append(f"{override.get_key_element()}={first}")
         else:
-            out.append(override.input_line or "")
+            out.append(line)
     return out
 
 
@@ -80,6 +137,8 @@ def _schema_fields(object_type: Any) -> list[str]:
 
 def config_error_message(exc: BaseException) -> str:
     """One line naming the offending key and what is allowed."""
+    if isinstance(exc, OverrideParseException):
+        return bad_override_message(exc.override, exc.message)
     if isinstance(exc, MissingConfigException):
         text = str(exc)
         wanted = re.search(r"Could not find '([^']+)'", text)

@@ -19,6 +19,9 @@ from fedmed.site_app import make_site_app
 
 OVERRIDES_KEY = "overrides"
 OUTPUT_DIR_KEY = "output-dir"
+# The site registry `fedmed server start` wrote (node id -> site); empty: none (simulation,
+# --insecure).
+REGISTRY_KEY = "site-registry"
 
 
 def config_from_run_config(context: Context) -> FedMedConfig:
@@ -32,6 +35,14 @@ def run_dir_from_run_config(context: Context) -> Path:
     return Path(folder).expanduser().resolve()
 
 
+def registry_from_run_config(context: Context) -> dict[int, str] | None:
+    """The deployment's site registry, if the run names one."""
+    from fedmed.coordinator.registry import read_registry
+
+    path = str(context.run_config.get(REGISTRY_KEY, ""))
+    return read_registry(path) if path else None
+
+
 server_app = ServerApp()
 
 
@@ -39,12 +50,19 @@ server_app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Coordinator entry point under ``flwr run``."""
     from fedmed.coordinator.app import run_coordinator  # heavy: not for the sites' processes
+    from fedmed.coordinator.receipts import RECEIPTS_KEY
     from fedmed.coordinator.recorder import CLEAN_STATUSES
 
     cfg = config_from_run_config(context)
-    summary = run_coordinator(grid, context, cfg, run_dir_from_run_config(context))
+    run_dir = run_dir_from_run_config(context)
+    # One receipt key for all the coordinator's runs, in its runs folder (not a run's own).
+    key = run_dir.parent / RECEIPTS_KEY
+    registry = registry_from_run_config(context)
+    summary = run_coordinator(grid, context, cfg, run_dir, receipt_key=key, registry=registry)
     if summary["status"] not in CLEAN_STATUSES:
         raise RuntimeError(f"federation stopped: {summary['stop_reason']}")
 
 
-client_app = make_site_app(config_from_run_config, run_dir_from_run_config, deployed=True)
+# A hospital's SuperNode (node config site + kit) is a deployed site with its own kit; under
+# `flwr run .`'s local simulation (node config partition-id) the sites are simulated.
+client_app = make_site_app(config_from_run_config, run_dir_from_run_config, deployed=None)

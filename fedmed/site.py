@@ -8,8 +8,6 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -17,7 +15,7 @@ import torch
 from flwr.client import NumPyClient
 
 from fedmed.config import FedMedConfig, site_faults
-from fedmed.data import load_site, site_names
+from fedmed.data import load_site
 from fedmed.errors import SiteError
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
@@ -30,6 +28,13 @@ from fedmed.privacy.dp_sgd import (
 from fedmed.provenance import code_version, config_hash
 from fedmed.secure.site_gate import (
     SecureRound,
+)
+from fedmed.site_policy import (
+    SiteRuntime,
+    check_noise,
+    check_run,
+    site_data_config,
+    site_setup,
 )
 from fedmed.train import TrainSettings, evaluate, get_weights, make_loader, set_weights, train_local
 from fedmed.update_checks import update_problem
@@ -49,21 +54,10 @@ PRIVACY_METRIC_KEYS = (
     "steps",
     "ledger",
     "declined",
+    "accountant",  # the accountant of the site's budget check (its kit's)
+    # the hash of the ledger entry this update was recorded in (the coordinator's receipt)
+    "ledger_entry",
 )
-
-
-@dataclass(frozen=True)
-class SiteRuntime:
-    """Where a site runs: the Flower run, and where its ledger goes unless configured.
-
-    ``deployed``: a deployed site keeps its ledger where its kit says and refuses
-    reproducible noise; a simulated site keeps its ledger under the run directory (or
-    ``privacy.ledger_dir``).
-    """
-
-    run_id: str
-    ledger_dir: Path
-    deployed: bool
 
 
 def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -113,9 +107,16 @@ class HospitalSite(NumPyClient):
         self.index = index
         self.runtime = runtime
         self.secure = secure
-        self.name = site_names(cfg)[index]
+        # The site's own kit decides its policy; a run that changes it is refused here,
+        # before any data is read (the gate refused it already, at the first message).
+        self.setup = site_setup(cfg, index, runtime)
+        self.name = self.setup.name
+        check_run(cfg, self.setup)
         try:
-            self.data = load_site(cfg, index)
+            if runtime.deployed:  # its kit's data.path, nothing the run names
+                self.data = load_site(site_data_config(cfg, self.setup.kit), 0)
+            else:
+                self.data = load_site(cfg, index)
         except Exception as exc:
             raise SiteError(self.name, str(exc)) from exc
         self.loss_fn = build_loss(cfg.model.name)
@@ -188,9 +189,11 @@ class HospitalSite(NumPyClient):
         """
         dp = dp_config(self.cfg)
         assert dp is not None
-        policy = site_policy(self.cfg, self.index, self.runtime.ledger_dir, self.runtime.deployed)
+        policy = site_policy(self.setup.kit)
         n = len(self.data.y_train)
         check_delta(self.name, policy.delta, n)
+        if policy.min_noise_multiplier is not None:  # the kit's floor, before any file is made
+            check_noise(self.setup, self.cfg, run_noise_multiplier(self.cfg, policy, n))
         account = PrivacyAccount(policy)
         run_hash = config_hash(self.cfg)
         settings = TrainSettings.from_config(self.cfg)
@@ -198,10 +201,11 @@ class HospitalSite(NumPyClient):
             self.runtime.run_id, run_hash
         ) or run_noise_multiplier(self.cfg, policy, n)
         plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
-        decision = account.decide(plan)
+        decision = account.decide(plan, run_id=self.runtime.run_id)
         report = {
             "budget_epsilon": policy.budget_epsilon,
             "delta": policy.delta,
+            "accountant": policy.accountant,
             "noise_multiplier": sigma,
             "sample_rate": plan.sample_rate,
             "ledger": str(policy.ledger),
@@ -241,7 +245,7 @@ class HospitalSite(NumPyClient):
             rng=self._reproducible_rng(dp.noise_seed, server_round),
         )
         delta = self._delta(model, parameters, result.loss, server_round)
-        account.record(
+        entry = account.record(
             plan,
             decision.epsilon,
             run_id=self.runtime.run_id,
@@ -257,6 +261,7 @@ class HospitalSite(NumPyClient):
                 "train_loss": result.loss,
                 "epsilon": decision.epsilon,
                 "steps": plan.steps,
+                "ledger_entry": entry["hash"],
                 **report,
             },
         )

@@ -1,5 +1,10 @@
 """The hospital ClientApp's wiring: which site a process serves, its gate, its client_fn.
 
+A deployed SuperNode is started with node-config ``site`` and ``kit`` (the absolute path of
+its own kit): the site reads that kit and no other hospital's, and its kit, not the run,
+decides its policy. Flower's simulation gives ``partition-id`` instead: the site is the run's
+site of that index, with the kit listed in ``dataset.site_kits`` or one generated from the run.
+
 Kept light on purpose: a deployed SuperNode starts a fresh process for every message, and
 most SecAgg+ stages never train, so torch and Opacus (``fedmed.site``) are imported only when
 a message reaches the site itself.
@@ -16,37 +21,72 @@ from flwr.client import Client
 from flwr.clientapp import ClientApp
 
 from fedmed.config import FedMedConfig, site_faults
-from fedmed.data import site_kit, site_names
-from fedmed.errors import ConfigError
+from fedmed.data import site_names
+from fedmed.errors import ConfigError, FedMedError, SiteError
 from fedmed.secure.site_gate import SiteIdentity, make_secure_aggregation_mod, secure_round
+from fedmed.site_policy import (
+    NODE_SITE,
+    SiteRuntime,
+    check_run,
+    deployed_kit,
+    is_deployed,
+    site_setup,
+)
 
 
 def site_index(cfg: FedMedConfig, node_config: dict[str, Any]) -> int:
-    """Simulation passes ``partition-id``; a deployed SuperNode passes ``site`` (its name)."""
-    if "site" in node_config:
+    """A simulated site's index in the run: Flower's simulation passes ``partition-id``."""
+    if "partition-id" in node_config:
+        return int(node_config["partition-id"])
+    if NODE_SITE in node_config:
         names = site_names(cfg)
-        name = str(node_config["site"])
+        name = str(node_config[NODE_SITE])
         if name not in names:
             raise ConfigError("node_config.site", name, f"one of {names}")
         return names.index(name)
-    if "partition-id" in node_config:
-        return int(node_config["partition-id"])
     raise ConfigError("node_config", dict(node_config), "a 'site' name or a 'partition-id'")
+
+
+def site_runtime(
+    context: Context, resolve_run_dir: Callable[[Context], Path], deployed: bool | None
+) -> SiteRuntime:
+    """Where this site runs; ``deployed=None``: as its node config says (``site``/``kit``:
+    a hospital's SuperNode, which must bring its own kit)."""
+    node_config = dict(context.node_config)
+    if deployed is None:
+        deployed = is_deployed(node_config)
+    kit = deployed_kit(node_config) if deployed else None
+    ledgers = resolve_run_dir(context) / "ledgers"  # a simulated site's ledgers only
+    return SiteRuntime(str(context.run_id), ledgers, deployed, kit)
+
+
+def _run_config(
+    resolve_config: Callable[[Context], FedMedConfig], context: Context, runtime: SiteRuntime
+) -> FedMedConfig:
+    """The run's config; a deployed site that cannot read it says so under its own name."""
+    try:
+        return resolve_config(context)
+    except SiteError:
+        raise
+    except FedMedError as err:
+        if runtime.kit is None:
+            raise
+        raise SiteError(runtime.kit.name, f"cannot read the run's configuration: {err}") from None
 
 
 def make_client_fn(
     resolve_config: Callable[[Context], FedMedConfig],
     resolve_run_dir: Callable[[Context], Path],
-    deployed: bool,
+    deployed: bool | None,
 ) -> Callable[[Context], Client]:
     """The ClientApp's client_fn; the resolvers say where the run's config and folder are."""
 
     def client_fn(context: Context) -> Client:
-        from fedmed.site import HospitalSite, SiteRuntime
+        from fedmed.site import HospitalSite
 
-        cfg = resolve_config(context)
-        runtime = SiteRuntime(str(context.run_id), resolve_run_dir(context) / "ledgers", deployed)
-        index = site_index(cfg, dict(context.node_config))
+        runtime = site_runtime(context, resolve_run_dir, deployed)
+        cfg = _run_config(resolve_config, context, runtime)
+        index = 0 if runtime.deployed else site_index(cfg, dict(context.node_config))
         return HospitalSite(cfg, index, runtime, secure_round(context)).to_client()
 
     return client_fn
@@ -54,16 +94,21 @@ def make_client_fn(
 
 def make_site_identifier(
     resolve_config: Callable[[Context], FedMedConfig],
+    resolve_run_dir: Callable[[Context], Path],
+    deployed: bool | None,
 ) -> Callable[[Context], SiteIdentity]:
-    """Which site a context belongs to, whether its kit demands SecAgg+, its test faults."""
+    """Which site a context belongs to, whether its kit demands SecAgg+, its test faults;
+    raises the site's refusal when the run changes anything its kit owns."""
 
     def identify(context: Context) -> SiteIdentity:
-        cfg = resolve_config(context)
-        index = site_index(cfg, dict(context.node_config))
-        name = site_names(cfg)[index]
-        kit = site_kit(cfg, index)
-        requires = bool(kit and kit.require_secure_aggregation)
-        return SiteIdentity(name, requires, site_faults(cfg, name))
+        runtime = site_runtime(context, resolve_run_dir, deployed)
+        cfg = _run_config(resolve_config, context, runtime)
+        index = 0 if runtime.deployed else site_index(cfg, dict(context.node_config))
+        setup = site_setup(cfg, index, runtime)
+        check_run(cfg, setup)
+        return SiteIdentity(
+            setup.name, setup.kit.require_secure_aggregation, site_faults(cfg, setup.name)
+        )
 
     return identify
 
@@ -71,12 +116,17 @@ def make_site_identifier(
 def make_site_app(
     resolve_config: Callable[[Context], FedMedConfig],
     resolve_run_dir: Callable[[Context], Path],
-    deployed: bool,
+    deployed: bool | None = None,
 ) -> ClientApp:
-    """The hospital ClientApp: the site behind its secure-aggregation gate."""
+    """The hospital ClientApp: the site behind its gate. ``deployed=None``: decided per
+    node from its node config (a SuperNode with ``site``/``kit`` is a deployed hospital)."""
     return ClientApp(
         client_fn=make_client_fn(resolve_config, resolve_run_dir, deployed),
-        mods=[make_secure_aggregation_mod(make_site_identifier(resolve_config))],
+        mods=[
+            make_secure_aggregation_mod(
+                make_site_identifier(resolve_config, resolve_run_dir, deployed)
+            )
+        ],
     )
 
 

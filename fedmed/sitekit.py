@@ -1,15 +1,24 @@
-"""Site kits: one YAML per hospital saying where its data is and how to reach the coordinator.
+"""Site kits: one YAML per hospital saying where its data is, what privacy it demands, and how
+to reach the coordinator.
 
-A kit is read into a typed schema, so a mistyped key is refused with the kit's file name.
-Relative data paths are resolved against the kit's own folder.
+A kit is read into a typed schema, so a mistyped key or an out-of-range value is refused with
+the kit's file name. Relative paths are resolved against the kit's own folder. What a kit says
+is the site's own policy: a run that asks for anything else is refused by the site
+(``fedmed.site_policy``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
+from fedmed.errors import FedMedError
 from fedmed.kitfile import beside, load_kit
+
+# A kit that states no delta: the same default a generated (simulated) kit gets.
+DEFAULT_DELTA = 1e-3
 
 
 @dataclass
@@ -20,16 +29,32 @@ class SiteDataSource:
     dataset: str = "csv"
 
 
+class KitAccountant(Enum):
+    """Accountants a site may enforce its budget with: upper bounds only (GDP is an
+    asymptotic approximation that can undercount, so a kit cannot choose it)."""
+
+    prv = "prv"
+    rdp = "rdp"
+
+
 @dataclass
 class SiteKitPrivacy:
     """The hospital's own privacy policy: a lifetime budget it enforces itself, and its ledger.
 
     ``ledger`` is the JSON Lines file; the Ed25519 signing key defaults to ``<ledger>.key``
     (mode 0600) and its public key to ``<ledger>.pub``, beside the ledger.
+    ``require_privacy``: refuse runs without differential privacy (``privacy=none``).
+    ``min_noise_multiplier``: refuse runs whose noise (explicit or calibrated) is lower.
+    ``max_run_epsilon``: refuse a run aiming above it, and decline a round that would take
+    the epsilon spent by that one run above it.
     """
 
     budget_epsilon: float | None = None
-    delta: float | None = None
+    delta: float = DEFAULT_DELTA
+    accountant: KitAccountant = KitAccountant.prv
+    require_privacy: bool = True
+    min_noise_multiplier: float | None = None
+    max_run_epsilon: float | None = None
     ledger: str | None = None
     signing_key: str | None = None
 
@@ -57,11 +82,27 @@ class SiteKit:
     deployment: SiteKitDeployment = field(default_factory=SiteKitDeployment)
 
 
+def _check_privacy(kit: SiteKit, kit_path: Path) -> None:
+    """Out-of-range privacy values are refused with the kit's file and key."""
+    p = kit.privacy
+    checks = (
+        ("budget_epsilon", p.budget_epsilon, "a finite number > 0"),
+        ("min_noise_multiplier", p.min_noise_multiplier, "a finite number > 0"),
+        ("max_run_epsilon", p.max_run_epsilon, "a finite number > 0"),
+    )
+    for key, value, allowed in checks:
+        if value is not None and not (value > 0.0 and math.isfinite(value)):
+            raise FedMedError(f"site kit {kit_path}: privacy.{key}={value}: expected {allowed}")
+    if not 0.0 < p.delta < 1.0:
+        raise FedMedError(f"site kit {kit_path}: privacy.delta={p.delta}: expected (0, 1)")
+
+
 def load_site_kit(path: str | Path) -> SiteKit:
     """Read and type-check a kit; the data path comes back absolute (or ``bundled:``)."""
     from fedmed.data.types import BUNDLED_PREFIX  # fedmed.data reads kits: import lazily
 
     kit, kit_path = load_kit(path, SiteKit, "site kit")
+    _check_privacy(kit, kit_path)
     if not kit.data.path.startswith(BUNDLED_PREFIX):
         kit.data.path = beside(kit_path, kit.data.path)
     if kit.privacy.ledger is not None:

@@ -5,13 +5,16 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
 from fedmed.config import FedMedConfig
 from fedmed.configure import compose_config
 from fedmed.data import resolve_path
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 HEART_FILES = {
     "cleveland": "bundled:heart_disease/processed.cleveland.data",
     "hungary": "bundled:heart_disease/processed.hungarian.data",
@@ -48,6 +51,28 @@ def heart_copies(tmp_path: Path) -> Callable[[str], list[Path]]:
     return _copy
 
 
+@pytest.fixture
+def kit_copy(tmp_path: Path) -> Callable[..., Path]:
+    """``kit_copy("va", max_run_epsilon=0.5)``: a copy of the example kit sites/va.yaml in
+    ``tmp_path/kits`` with its ledger and signing key in ``tmp_path/ledgers`` and the given
+    ``privacy`` values changed (top-level keys with ``top={...}``); returns its path."""
+
+    def _copy(site: str, top: dict[str, Any] | None = None, **privacy: Any) -> Path:
+        kit = yaml.safe_load((REPO_ROOT / "sites" / f"{site}.yaml").read_text())
+        kit["privacy"].update(
+            ledger=str(tmp_path / "ledgers" / f"{site}.ledger.jsonl"), signing_key=None
+        )
+        kit["privacy"].update(privacy)
+        kit.update(top or {})
+        folder = tmp_path / "kits"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{site}.yaml"
+        path.write_text(yaml.safe_dump(kit))
+        return path
+
+    return _copy
+
+
 # The end-to-end files, longest first. `make test` runs `pytest -n 2 --dist loadfile
 # --no-loadscope-reorder`: each file runs whole on one worker (module fixtures are shared),
 # in this order, so the longest start early and both workers stay busy to the end.
@@ -56,6 +81,7 @@ LONGEST_FIRST = (
     "test_audit_e2e.py",
     "test_secagg_e2e.py",
     "test_privacy_e2e.py",
+    "test_site_policy_e2e.py",
     "test_resume_e2e.py",
     "test_simulation_e2e.py",
     "test_flwr_run.py",

@@ -1,13 +1,20 @@
-"""The auditor's arithmetic and canaries, on small inputs: the one-run bound and the canary head."""
+"""The auditor's arithmetic and canaries, on small inputs: the one-run bound, the canary head,
+and the window an honest recorded epsilon lies in (real Opacus writer, real dp-accounting)."""
 
 from __future__ import annotations
+
+import functools
+from typing import Any
 
 import numpy as np
 import torch
 
 from fedmed.audit.canaries import canary_inputs
 from fedmed.audit.empirical import canary_scores, epsilon_lower_bound, guess_and_bound
+from fedmed.audit.independent import cumulative_epsilons
+from fedmed.audit.verify import Window, allowed_window
 from fedmed.models.canary import CanaryHead
+from fedmed.privacy.accounting import DPSteps, accountant_record, cumulative_epsilon
 
 SIGNIFICANCE = 0.05
 
@@ -66,3 +73,98 @@ def test_real_records_never_touch_a_canary_row_and_see_the_plain_model() -> None
 def test_scores_favour_a_canarys_own_label() -> None:
     logits = np.array([[0.0, 0.0], [2.0, -1.0], [0.0, 0.0], [-1.0, 1.0]])
     assert canary_scores(logits, np.array([0, 1, 1])).tolist() == [3.0, 0.0, 2.0]
+
+
+# ------------------------------------------------- recorded epsilon against its own fields
+def _entry(steps: tuple[DPSteps, ...], accountant: str) -> list[dict[str, Any]]:
+    """Ledger entries as a site writes them: each epsilon from the site's own accountant."""
+    return [dict(e) for e in _written(steps, accountant)]
+
+
+@functools.cache
+def _written(steps: tuple[DPSteps, ...], accountant: str) -> tuple[dict[str, Any], ...]:
+    return tuple(
+        {
+            "noise_multiplier": steps[n - 1].noise_multiplier,
+            "sample_rate": steps[n - 1].sample_rate,
+            "steps": steps[n - 1].steps,
+            "delta": 1e-3,
+            "epsilon": cumulative_epsilon(steps[:n], 1e-3, accountant),
+            "accountant": accountant_record(accountant),
+        }
+        for n in range(1, len(steps) + 1)
+    )
+
+
+def _outside(entries: list[dict[str, Any]]) -> list[str]:
+    """The side ("above"/"below") of each entry outside its window ("" when inside)."""
+    sides = []
+    for entry, eps in zip(entries, cumulative_epsilons(entries), strict=True):
+        window = allowed_window(entry, eps.pld, eps.rdp)
+        assert isinstance(window, Window), window
+        recorded = entry["epsilon"]
+        sides.append(
+            "below" if recorded < window.low else "above" if recorded > window.high else ""
+        )
+    return sides
+
+
+HEART = (DPSteps(1.99, 16 / 227, 15),) * 3  # Cleveland's real per-round plan at epsilon 1
+PNEUMONIA = (DPSteps(0.97, 64 / 2428, 38),) * 2
+
+
+def test_honest_prv_and_rdp_entries_lie_inside_their_windows() -> None:
+    for steps in (HEART, PNEUMONIA):
+        assert _outside(_entry(steps, "prv")) == [""] * len(steps)
+        assert _outside(_entry(steps, "rdp")) == [""] * len(steps)
+
+
+def test_a_recorded_epsilon_its_fields_do_not_explain_fails_in_both_directions() -> None:
+    """The re-signed `steps` edit: steps set to 1 keeps the epsilon, now 2.5x its fields'."""
+    entries = _entry(HEART, "prv")
+    lowered = [{**e, "steps": 1} for e in entries]
+    assert _outside(lowered) == ["above"] * 3
+    raised = [{**e, "steps": e["steps"] * 2} for e in entries]
+    assert _outside(raised) == ["below"] * 3
+    # just beyond PRV's stated error, either way
+    first, eps = entries[0], cumulative_epsilons(entries[:1])[0]
+    error = 0.0025 * eps.rdp
+    assert _outside([{**first, "epsilon": eps.pld + 2.2 * error}]) == ["above"]
+    assert _outside([{**first, "epsilon": eps.pld - 1.2 * error}]) == ["below"]
+    # an RDP entry checked against PLD would always look 20% high; against RDP it is exact
+    rdp = _entry(HEART, "rdp")
+    assert _outside([{**rdp[0], "epsilon": rdp[0]["epsilon"] * 1.02}]) == ["above"]
+    assert _outside([{**rdp[0], "epsilon": rdp[0]["epsilon"] * 0.98}]) == ["below"]
+
+
+def _opacus_prv(steps: tuple[DPSteps, ...], eps_error: float) -> list[float]:
+    """What fedmed recorded before its relative eps_error: Opacus PRV at an absolute one."""
+    from opacus.accountants import PRVAccountant
+
+    out = []
+    for n in range(1, len(steps) + 1):
+        acc = PRVAccountant()
+        acc.history = [(steps[0].noise_multiplier, steps[0].sample_rate, steps[0].steps * n)]
+        out.append(float(acc.get_epsilon(delta=1e-3, eps_error=eps_error)))
+    return out
+
+
+def test_entries_from_before_the_accountant_record_use_opacus_default_error() -> None:
+    """Old ledgers verify unchanged: no ``accountant`` field means Opacus PRV at its default
+    absolute eps_error 0.01; an absolute eps_error string (fedmed before 2026-11) reads as is.
+    Each epsilon here is what Opacus gave at that error."""
+    entries = _entry(HEART, "prv")
+    default = [
+        {**{k: v for k, v in e.items() if k != "accountant"}, "epsilon": eps}
+        for e, eps in zip(entries, _opacus_prv(HEART, 0.01), strict=True)
+    ]
+    assert _outside(default) == [""] * 3
+    absolute = [
+        {**e, "accountant": {**e["accountant"], "eps_error": "0.001"}, "epsilon": eps}
+        for e, eps in zip(entries, _opacus_prv(HEART, 0.001), strict=True)
+    ]
+    assert _outside(absolute) == [""] * 3
+    assert _outside([{**absolute[2], "epsilon": absolute[2]["epsilon"] + 0.003}]) == ["above"]
+    huge = {**entries[0], "accountant": {**entries[0]["accountant"], "eps_error": "5"}}
+    eps = cumulative_epsilons([huge])[0]
+    assert "larger than any fedmed writes" in str(allowed_window(huge, eps.pld, eps.rdp))

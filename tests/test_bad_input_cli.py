@@ -5,6 +5,7 @@ no stack trace, and nothing started. The real ``fedmed`` CLI in a subprocess, as
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -60,6 +61,30 @@ def test_bad_arguments_get_one_line_naming_what_is_wrong(args: list[str], expect
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+BAD_OVERRIDE = "cannot parse the override 'federation.rounds==3' (extraneous input '=')"
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["simulate", "federation.rounds==3"], BAD_OVERRIDE),
+        (["baseline", "federation.rounds==3"], BAD_OVERRIDE),
+        (["dry-run", "privacy=dp", "federation.rounds==3"], BAD_OVERRIDE),
+        (["audit", "empirical", "federation.rounds==3"], BAD_OVERRIDE),
+        (["server", "run", "federation.rounds==3"], BAD_OVERRIDE),
+        (["simulate", "--multirun", "seed=0,1", "model=[svm"], "override 'model=[svm'"),
+        (["simulate", "--multirun", "seed=range(3,1)"], "cannot sweep the override"),
+        (["simulate", "seed=0,1"], "the override 'seed=0,1' is a sweep; add --multirun"),
+    ],
+)  # fmt: skip
+def test_a_malformed_override_gets_one_line_naming_it(args: list[str], expected: str) -> None:
+    proc = run_fedmed(*args, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
+    assert expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 @pytest.mark.parametrize("key", ["ca_cert", "node_key", "node_public_key"])
 def test_a_site_kit_with_a_missing_key_file_is_refused_before_starting(
     tmp_path: Path, key: str
@@ -92,5 +117,47 @@ def test_a_bad_site_file_stops_the_run_before_training(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert str(data) in proc.stderr and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "ledgers").exists()  # nothing trained, nothing recorded
+
+
+HEART_HEADER = "age,sex,cp,trestbps,chol,fbs,restecg,thalach,exang,oldpeak,slope,ca,thal,num"
+
+
+def _duplicate_header(lines: list[str]) -> list[str]:
+    return [HEART_HEADER.replace("chol", "trestbps"), *lines]
+
+
+def _overflowing_value(lines: list[str]) -> list[str]:
+    lines[49] = "1e308" + lines[49][lines[49].index(",") :]  # age on line 51 (after the header)
+    return [HEART_HEADER, *lines]
+
+
+def _semicolons(lines: list[str]) -> list[str]:
+    return [line.replace(",", ";") for line in [HEART_HEADER, *lines]]
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (_duplicate_header, "columns 4 and 5 of the header row are both named 'trestbps'"),
+        (_overflowing_value, "line 51, column 'age': value 1e+308 overflows"),
+        (_semicolons, "the file looks ';'-separated (Excel in some locales)"),
+    ],
+)
+def test_a_silently_corrupting_heart_file_is_refused_before_training(
+    tmp_path: Path, heart_copies: Any, edit: Any, expected: str
+) -> None:
+    cleveland, hungary = heart_copies("sites")[:2]
+    cleveland.write_text("\n".join(edit(cleveland.read_text().splitlines())) + "\n")
+    hungary.write_text(HEART_HEADER + "\n" + hungary.read_text())
+    proc = run_fedmed(
+        "simulate", "dataset=csv", f"dataset.paths=[{cleveland},{hungary}]", "dataset.label=num",
+        "dataset.binarize_above=0", "privacy=dp", f"hydra.run.dir={tmp_path / 'run'}",
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # one line
+    assert f"data error in {cleveland}: " in proc.stderr and expected in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "ledgers").exists()  # nothing trained, nothing recorded

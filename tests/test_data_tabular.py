@@ -304,3 +304,137 @@ def test_all_missing_column_is_kept_with_its_indicator_and_refused_without(tmp_p
     no_indicators = TabularSpec(label="y", zero_as_missing=("chol",), missing_indicators=False)
     message = data_error(path, no_indicators)
     assert "['chol']" in message and "dataset.missing_indicators" in message
+
+
+# ----------------------------------------------------------------------------- silent corruption
+HEART_HEADER = "age,sex,cp,trestbps,chol,fbs,restecg,thalach,exang,oldpeak,slope,ca,thal,num"
+HEART_SPEC = TabularSpec(label="num", binarize_above=0, zero_as_missing=("chol", "trestbps"))
+
+
+def _with_header(path: Path, header: str, prefix: str = "") -> Path:
+    """The bundled (header-less) file with a header row, optionally after ``prefix`` bytes."""
+    path.write_text(prefix + header + "\n" + path.read_text())
+    return path
+
+
+def test_duplicate_header_names_are_refused_naming_both_columns(heart_copies):
+    cleveland = heart_copies("dup")[0]
+    # Column 5 (chol) mislabelled as a second 'trestbps': before, both features read column 4.
+    _with_header(cleveland, HEART_HEADER.replace("chol", "trestbps"))
+    message = data_error(cleveland, HEART_SPEC)
+    assert "columns 4 and 5 of the header row are both named 'trestbps'" in message
+
+
+def test_duplicate_names_in_dataset_header_are_refused(heart_copies):
+    va = heart_copies("dupcfg")[3]
+    header = tuple(HEART_HEADER.replace("fbs", "sex").split(","))
+    message = data_error(va, TabularSpec(label="num", header=header, binarize_above=0))
+    assert "columns 2 and 6 of dataset.header are both named 'sex'" in message
+
+
+def test_utf8_bom_is_read_like_the_same_file_without_it(compose, heart_copies):
+    plain = [_with_header(p, HEART_HEADER) for p in heart_copies("plain")]
+    bom = [_with_header(p, HEART_HEADER, prefix="\ufeff") for p in heart_copies("bom")]
+    assert bom[0].read_bytes().startswith(b"\xef\xbb\xbf")  # as Excel's "CSV UTF-8" writes it
+    table = read_table(bom[0], HEART_SPEC)
+    assert table.feature_names[0] == "age"  # not '\ufeffage'
+    common = ("dataset=csv", "dataset.label=num", "dataset.binarize_above=0")
+    with_bom = compose(*common, paths_override(bom))
+    without = compose(*common, paths_override(plain))
+    for index in range(4):
+        assert_same_site(load_site(with_bom, index), load_site(without, index))
+
+
+def test_utf8_bom_in_a_header_less_file(compose, heart_copies):
+    original = heart_copies("original")
+    bom = heart_copies("bom")
+    for path in bom:
+        path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    # Before: the first value read as '\ufeff63.0', "non-numeric value" on line 1.
+    with_bom, without = compose(paths_override(bom)), compose(paths_override(original))
+    for index in range(4):
+        assert_same_site(load_site(with_bom, index), load_site(without, index))
+
+
+def _set_value(path: Path, line: int, column: int, value: str) -> None:
+    lines = path.read_text().splitlines()
+    cells = lines[line - 1].split(",")
+    cells[column] = value
+    lines[line - 1] = ",".join(cells)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _heart_table(path: Path):
+    return read_table(path, TabularSpec(label="num", header=tuple(HEART_HEADER.split(",")),
+                                        binarize_above=0))  # fmt: skip
+
+
+def test_value_overflowing_a_training_column_names_file_line_and_column(heart_copies):
+    from fedmed.data.tabular import SitePreprocessor
+
+    hungary = heart_copies("huge")[1]
+    _set_value(hungary, 40, 4, "1e308")  # chol on line 40: its square overflows the std
+    table = _heart_table(hungary)
+    train = np.arange(len(table.labels))  # every row trains: line 40 is in the split
+    with pytest.raises(DataError) as info:
+        SitePreprocessor.fit(table, HEART_SPEC, train)
+    message = str(info.value)
+    assert str(hungary) in message
+    assert "line 40, column 'chol': value 1e+308" in message
+
+
+def test_value_overflowing_a_test_row_names_file_line_and_column(heart_copies):
+    from fedmed.data.tabular import SitePreprocessor
+
+    va = heart_copies("hugetest")[3]
+    _set_value(va, 7, 0, "-1e300")  # age on line 7, a test row: standardised far past float32
+    table = _heart_table(va)
+    test, train = np.arange(10), np.arange(10, len(table.labels))
+    prep = SitePreprocessor.fit(table, HEART_SPEC, train)  # line 7 is not in the training rows
+    assert np.isfinite(prep.transform_rows(table, train)).all()
+    with pytest.raises(DataError) as info:
+        prep.transform_rows(table, test)
+    assert f"{va}: line 7, column 'age': value -1e+300" in str(info.value)
+
+
+@pytest.mark.parametrize(("line", "split"), [(100, "train"), (11, "test")])
+def test_overflowing_value_refused_through_load_site(compose, heart_copies, line, split):
+    from fedmed.data.partition import stratified_split
+
+    paths = heart_copies("hugeload")
+    cfg = compose(paths_override(paths))
+    labels = read_table(paths[0], data_spec_of(cfg)).labels
+    train, test = stratified_split(labels, 0.25, np.random.default_rng([cfg.seed, 0]))
+    assert line - 1 in {"train": train, "test": test}[split]  # the row lands where intended
+    _set_value(paths[0], line, 7, "1e308")  # cleveland's thalach; before: zeros or inf, silently
+    with pytest.raises(DataError) as info:
+        load_site(cfg, 0)
+    assert f"{paths[0]}: line {line}, column 'thalach': value 1e+308" in str(info.value)
+
+
+def data_spec_of(cfg) -> TabularSpec:
+    from fedmed.data.sources import tabular_spec
+
+    return tabular_spec(cfg.dataset)
+
+
+def test_semicolon_separated_file_gets_a_hint(compose, heart_copies):
+    paths = heart_copies("semicolon")
+    switzerland = paths[2]  # Excel in a German or French locale saves ';'-separated
+    switzerland.write_text(switzerland.read_text().replace(",", ";"))
+    cfg = compose(paths_override(paths))
+    with pytest.raises(DataError) as info:
+        load_site(cfg, 2)
+    message = str(info.value)
+    assert str(switzerland) in message and "line 1 is a single column" in message
+    assert "looks ';'-separated (Excel in some locales); save it as comma-separated CSV" in message
+    # With a header row the file's columns are not found; the hint says why.
+    _with_header(switzerland, HEART_HEADER.replace(",", ";"))
+    assert "looks ';'-separated" in data_error(switzerland, HEART_SPEC)
+
+
+def test_semicolons_with_decimal_commas_get_the_hint_too(tmp_path):
+    path = tmp_path / "decimal.csv"
+    path.write_text("a;b;y\n1,5;2;0\n2,5;3;1\n")  # ',' decimals split each row in two
+    message = data_error(path)
+    assert "looks ';'-separated" in message

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -106,3 +107,13 @@ def test_sites_send_only_model_arrays_counts_and_protocol_fields(
             kinds["model arrays"] += 1
     # 4 sites, 1 round each run: model arrays without SecAgg+, masked vectors with it.
     assert kinds == {"model arrays": 4, "masked (no arrays)": 4, "evaluation": 8}, kinds
+    # The fit metrics (with the ledger entry's hash) reach the coordinator under SecAgg+ too:
+    # it holds a receipt naming each site's new entry.
+    for extra in (["privacy=dp"], ["privacy=dp", "secagg=secaggplus"]):
+        run_dir = tmp_path / "-".join(extra)
+        receipts = [json.loads(x) for x in (run_dir / "receipts.jsonl").read_text().splitlines()]
+        heads = {
+            p.name.split(".")[0]: json.loads(p.read_text().splitlines()[-1])["hash"]
+            for p in (run_dir / "ledgers").glob("*.ledger.jsonl")
+        }
+        assert {r["site"]: r["ledger_entry"] for r in receipts} == heads, extra

@@ -140,3 +140,84 @@ def test_a_site_that_never_connects_delays_round_one_only_by_the_connect_timeout
     assert "only 3 of 4 sites connected after federation.connect_timeout=0.3 s" in (
         capsys.readouterr().out
     )
+
+
+class ClaimingGrid(FakeGrid):
+    """Connected nodes 1-4; each reply claims ``claims[node]`` (default: its own name), as a
+    site field or, for nodes in ``refusing``, as a SiteError."""
+
+    def __init__(self, claims: dict[int, str], refusing: set[int] = frozenset()) -> None:
+        super().__init__()
+        self.claims, self.refusing = claims, set(refusing)
+
+    def get_node_ids(self) -> list[int]:
+        return [1, 2, 3, 4]
+
+    def pull_messages(self, message_ids: list[str]) -> list[Message]:
+        replies = []
+        for message_id in message_ids:
+            message = self.pushed[message_id]
+            node = message.metadata.dst_node_id
+            site = self.claims.get(node, f"site{node}")
+            if node in self.refusing:
+                error = Error(code=0, reason=f"SiteError: site '{site}': refuses the run: x")
+                replies.append(Message(error, reply_to=message))
+            else:
+                content = RecordDict({"fedmed.site": ConfigRecord({"site": site})})
+                replies.append(Message(content, reply_to=message))
+        return replies
+
+
+REGISTRY = {1: "site1", 2: "site2", 3: "site3", 9: "site9"}
+
+
+def test_with_a_registry_only_registered_nodes_are_sampled_and_named_by_it(
+    tmp_path: Path,
+) -> None:
+    grid = ObservedGrid(ClaimingGrid({}), _recorder(tmp_path), registry=REGISTRY)
+    assert grid.get_node_ids() == [1, 2, 3]  # node 4 is connected but not registered
+    assert grid.wait_for_sites(3, timeout=0.1) == 3
+    assert grid.site_name(9) == "site9" and grid.site_name(4) == "node 4"
+    assert len(grid.send_and_receive([_train(n, 1) for n in (1, 2, 3)], timeout=5.0)) == 3
+
+
+def test_a_node_claiming_another_sites_name_is_refused_recorded_and_not_sampled_again(
+    tmp_path: Path,
+) -> None:
+    recorder = _recorder(tmp_path)
+    inner = ClaimingGrid({3: "site1"})
+    grid = ObservedGrid(inner, recorder, round_offset=1, registry=REGISTRY)
+    replies = grid.send_and_receive([_train(n, 1) for n in (1, 2, 3)], timeout=5.0)
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2]
+    [failure] = recorder.failures  # refused, not "no reply"
+    assert (failure.site, failure.round, failure.stage) == ("site3", 2, "train")
+    assert failure.error.startswith("node 3 is registered as 'site3' but claims to be 'site1'")
+    assert grid.get_node_ids() == [1, 2]
+    assert grid.site_name(3) == "site3"  # the registry's name, whatever it claims
+
+
+def test_a_refusal_sent_under_another_sites_name_is_refused_too(tmp_path: Path) -> None:
+    recorder = _recorder(tmp_path)
+    inner = ClaimingGrid({2: "site1"}, refusing={1, 2})
+    grid = ObservedGrid(inner, recorder, registry=REGISTRY)
+    replies = grid.send_and_receive([_train(n, 1) for n in (1, 2)], timeout=5.0)
+    assert [r.metadata.src_node_id for r in replies] == [1]  # site1's own refusal stands
+    assert replies[0].has_error()
+    [failure] = recorder.failures
+    assert failure.site == "site2" and "claims to be 'site1'" in failure.error
+
+
+def test_a_registered_node_that_is_no_site_of_the_run_is_never_sampled_and_noted_once(
+    tmp_path: Path,
+) -> None:
+    """E.g. a node registered as "rogue" that claims to be VA: not even SecAgg+'s setup."""
+    recorder = _recorder(tmp_path)
+    grid = ObservedGrid(
+        ClaimingGrid({3: "site1"}), recorder, registry=REGISTRY, run_sites=["site1", "site2"]
+    )
+    assert grid.get_node_ids() == [1, 2]
+    assert grid.get_node_ids() == [1, 2]
+    [noted] = recorder.extra["unsampled_nodes"]
+    assert noted["node"] == 3 and noted["registered_as"] == "site3"
+    assert noted["reason"] == "not one of this run's sites (site1, site2); never sampled"
+    assert recorder.failures == []

@@ -26,6 +26,8 @@ from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
 from fedmed.privacy.budget import check_delta, site_policy
 from fedmed.privacy.dp_sgd import DpSgdSettings, make_private_training, poisson_plan
 from fedmed.site import HospitalSite, SiteRuntime
+from fedmed.site_policy import site_setup
+from fedmed.sitekit import load_site_kit
 from fedmed.train import TrainSettings, get_weights
 from tests.e2e import REPO, run_fedmed
 
@@ -231,7 +233,7 @@ def test_budget_is_never_overrun_and_no_update_leaves_unrecorded(
     assert set(sent_rounds) <= set(recorded_rounds)  # never an unrecorded update
     final = cumulative_epsilon(
         [DPSteps(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries],
-        cfg.privacy.delta,  # type: ignore[attr-defined]
+        site.setup.kit.privacy.delta,  # the generated kit's: privacy.delta null -> 1e-3
         "prv",
     )
     assert final <= budget  # never an overrun, crashed rounds included
@@ -277,19 +279,23 @@ def test_site_kits_set_each_hospitals_budget_and_ledger(
     compose: Callable[..., FedMedConfig], tmp_path: Path
 ) -> None:
     cfg = compose("dataset=heart_kits", "privacy=dp")
-    sim = site_policy(cfg, SWITZERLAND, tmp_path, use_kit_ledger=False)
-    assert (sim.site, sim.budget_epsilon, sim.delta) == ("switzerland", 2.0, 1e-3)
+    simulated = SiteRuntime("run", tmp_path, False)
+    sim = site_policy(site_setup(cfg, SWITZERLAND, simulated).kit)
+    assert (sim.site, sim.budget_epsilon, sim.delta, sim.accountant) == (
+        "switzerland", 2.0, 1e-3, "prv",
+    )  # fmt: skip
     assert sim.ledger == tmp_path / "switzerland.ledger.jsonl"
-    deployed = site_policy(cfg, SWITZERLAND, tmp_path, use_kit_ledger=True)
+    kit = load_site_kit(REPO / "sites" / "switzerland.yaml")
+    deployed = site_policy(site_setup(cfg, 0, SiteRuntime("run", tmp_path, True, kit)).kit)
     assert deployed.ledger == REPO / "sites" / "ledgers" / "switzerland.ledger.jsonl"
     assert deployed.signing_key == REPO / "pki" / "sites" / "switzerland" / "ledger.key"
     assert deployed.public_key == deployed.ledger.with_suffix(".pub")
     persistent = compose("dataset=heart_kits", "privacy=dp", f"privacy.ledger_dir={tmp_path}/p")
-    assert site_policy(persistent, 0, tmp_path, True).ledger == (
+    assert site_policy(site_setup(persistent, 0, simulated).kit).ledger == (
         tmp_path / "p" / "cleveland.ledger.jsonl"
     )
     plain = compose("dataset=heart", "privacy=dp", "privacy.target_epsilon=0.7")
-    assert site_policy(plain, 0, tmp_path, False).budget_epsilon == 0.7
+    assert site_policy(site_setup(plain, 0, simulated).kit).budget_epsilon == 0.7
 
 
 @pytest.mark.parametrize(
@@ -322,13 +328,13 @@ def test_bad_privacy_settings_are_refused_before_training(
 
 
 def test_reproducible_noise_is_for_simulations_only(
-    compose: Callable[..., FedMedConfig], tmp_path: Path
+    compose: Callable[..., FedMedConfig], tmp_path: Path, kit_copy: Callable[..., Path]
 ) -> None:
     cfg = compose("dataset=heart", "model=svm", "privacy=dp", "privacy.noise_seed=7")
     simulated = [_fit(_site(cfg, SWITZERLAND, tmp_path / f"s{i}"), 1)[0] for i in range(2)]
     for a, b in zip(*simulated, strict=True):
         np.testing.assert_array_equal(a, b)  # same seed, same sampling and noise
-    deployed = HospitalSite(cfg, SWITZERLAND, SiteRuntime("run", tmp_path / "d", True))
-    with pytest.raises(SiteError, match=r"refuses privacy\.noise_seed"):
-        _fit(deployed, 1)
-    assert not (tmp_path / "d" / "switzerland.ledger.jsonl").exists()
+    kit = load_site_kit(kit_copy("switzerland"))
+    with pytest.raises(SiteError, match=r"refuses the run: privacy\.noise_seed=7"):
+        HospitalSite(cfg, 0, SiteRuntime("run", tmp_path / "d", True, kit))
+    assert not (tmp_path / "ledgers").exists()

@@ -104,3 +104,46 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
         assert privacy["epsilon"] == pytest.approx(second_final[site], rel=1e-9)
         assert len(_verified_entries(ledgers, site)) == 12  # no entry for a declined round
     assert json.loads((third / "summary.json").read_text())["rounds_completed"] == 0
+
+
+def test_eps8_preset_completes_every_round_and_agrees_with_dry_run(tmp_path: Path) -> None:
+    """README's `+epsilon=eps8` (heart, svm, 10 rounds, budget = target): every site declined
+    round 10 when the noise was calibrated apart from the budget check (7.57 -> 8.008 > 8)."""
+    dry = tmp_path / "dry"
+    proc = run_fedmed("dry-run", "+epsilon=eps8", f"hydra.run.dir={dry}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    projected = {p["site"]: p for p in json.loads((dry / "dry_run.json").read_text())["sites"]}
+    assert all(p["declines_from_round"] is None for p in projected.values()), projected
+
+    run = tmp_path / "run"
+    proc = run_fedmed("simulate", "+epsilon=eps8", f"hydra.run.dir={run}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "declined" not in proc.stdout
+    summary = read_summary(run)
+    assert summary["status"] == "completed" and summary["rounds_completed"] == 10
+    assert summary["failures"] == []
+    for site in SITES:
+        privacy = summary["sites"][site]["privacy"]
+        assert privacy["declined_rounds"] == [] and privacy["budget_epsilon"] == 8.0
+        assert 7.99 <= privacy["epsilon"] <= 8.0, (site, privacy)
+        # The dry run projected the same noise and final epsilon (to the last digits, in
+        # which PRV's arithmetic differs between processes).
+        noise = summary["privacy"]["noise_multiplier"][site]
+        assert noise == pytest.approx(projected[site]["noise_multiplier"], rel=1e-9)
+        assert privacy["epsilon"] == pytest.approx(
+            projected[site]["epsilon_by_round"][-1], rel=1e-9
+        )
+
+
+def test_an_unreasonable_target_is_refused_at_once_in_one_line(tmp_path: Path) -> None:
+    """`privacy.target_epsilon=1e9` calibrated forever (then the process never exited)."""
+    proc = run_fedmed(
+        "simulate", "privacy=dp", "privacy.target_epsilon=1e9", f"hydra.run.dir={tmp_path}",
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "privacy.target_epsilon=1000000000.0 is not allowed" in lines[0]
+    assert "[0.1, 20]" in lines[0]
+    assert not (tmp_path / "summary.json").exists()

@@ -8,6 +8,7 @@ test recomputes offline by running the same (deterministic, non-private) site co
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,7 @@ def _exact_mean_delta(
 
 
 def test_aggregate_is_exact_under_dropouts_and_the_coordinator_sees_only_the_sum(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # 10 sites, 10 shares, threshold 7. Round 1: one site drops after sending its keys;
     # round 2: three drop before sending their masked input; round 3: one drops after
@@ -107,6 +108,16 @@ def test_aggregate_is_exact_under_dropouts_and_the_coordinator_sees_only_the_sum
     }
     assert [f["round"] for f in secure["failed_rounds"]] == [4]
     assert "below the reconstruction threshold 7" in secure["failed_rounds"][0]["reason"]
+    # Each dropout is one failure, named, in its stage (Flower also hands the unmask
+    # stage's errors to aggregate_fit: they were recorded a second time, as "fit").
+    failures = sorted((f["round"], f["site"], f["stage"]) for f in summary["failures"])
+    assert failures == sorted(dropped), summary["failures"]
+    # The progress line counts the sites whose update is in the aggregate (site-5 dropped
+    # at unmask after sending its masked update: it is in round 3's sum), not those sampled.
+    progress = re.findall(r"round +(\d)/5 .*\| sites trained (\d+), evaluated (\d+)",
+                          capsys.readouterr().out)  # fmt: skip
+    assert progress == [("1", "9", "10"), ("2", "7", "10"), ("3", "10", "10"),
+                        ("4", "0", "10"), ("5", "9", "10")]  # fmt: skip
 
     # The strategy never saw round 4 and the global model did not move in it.
     assert sorted(spy.rounds) == [1, 2, 3, 5]
@@ -157,27 +168,31 @@ def test_dp_with_secagg_matches_the_sites_ledgers_and_never_clips_silently(
 ) -> None:
     # Hungary's training diverges to NaN in round 2: its own check keeps the update from
     # being masked and sent (no ledger entry: nothing left the site), the round goes on
-    # with the other three, and Hungary trains again in round 3.
+    # with the other three, and Hungary trains again in round 3. VA drops out at its very
+    # first message (round 1 setup), before the coordinator has heard its name.
     run = tmp_path / "dp"
     proc = run_fedmed(
         "simulate", "dataset=heart", "model=svm", "privacy=dp", "secagg=secaggplus",
-        "federation.rounds=3", "inject_faults=[hungary:nan_update:2]", f"hydra.run.dir={run}",
+        "federation.rounds=3", "inject_faults=[hungary:nan_update:2,va:setup:1]",
+        f"hydra.run.dir={run}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = read_summary(run)
     assert summary["secure_aggregation"]["protocol"] == "secaggplus"
     assert [(d["round"], d["site"]) for d in summary["secure_aggregation"]["dropped"]] == [
-        (2, "hungary")
-    ]
-    assert [(f["site"], f["round"]) for f in summary["failures"]] == [("hungary", 2)]
-    assert "update not sent: array 0 holds" in summary["failures"][0]["error"]
+        (1, "va"), (2, "hungary")
+    ]  # fmt: skip
+    assert [(f["site"], f["round"]) for f in summary["failures"]] == [("va", 1), ("hungary", 2)]
+    assert "update not sent: array 0 holds" in summary["failures"][1]["error"]
+    trained = re.findall(r"round +\d/3 .*\| sites trained (\d), evaluated 4", proc.stdout)
+    assert trained == ["3", "3", "4"], proc.stdout[-3000:]
     assert summary["rounds_completed"] == 3
     assert summary["global"]["accuracy"] >= 0.7
     for site in ("cleveland", "hungary", "switzerland", "va"):
         assert summary["sites"][site]["privacy"]["epsilon"] <= 1.0
         entries = (run / "ledgers" / f"{site}.ledger.jsonl").read_text().splitlines()
         rounds = [json.loads(line)["round"] for line in entries]
-        assert rounds == ([1, 3] if site == "hungary" else [1, 2, 3])
+        assert rounds == {"hungary": [1, 3], "va": [2, 3]}.get(site, [1, 2, 3])
 
     # A clipping range no update fits: every site refuses to send, nothing is clipped, the
     # round fails below the threshold and the run stops (fewer than min_sites remain).
@@ -202,7 +217,9 @@ def test_a_kit_that_requires_secure_aggregation_refuses_a_plain_run(tmp_path: Pa
     names = ["cleveland", "hungary", "switzerland", "va"]
     repo_sites = Path(__file__).resolve().parents[1] / "sites"
     for name in names:
+        # privacy=none below: these kits opt out of requiring DP (the examples require it)
         text = (repo_sites / f"{name}.yaml").read_text()
+        text = text.replace("require_privacy: true", "require_privacy: false")
         if name == "va":
             text += "require_secure_aggregation: true\n"
         (kits / f"{name}.yaml").write_text(text)

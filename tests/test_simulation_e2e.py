@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import csv
 import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -13,8 +19,9 @@ from fedmed.configure import compose_config
 from fedmed.data import load_site, num_sites
 from fedmed.metrics import EvalStats
 from fedmed.models import build_loss, build_model
+from fedmed.process_tree import command_line, descendants, start_time
 from fedmed.train import evaluate
-from tests.e2e import read_summary, run_fedmed
+from tests.e2e import REPO, read_summary, run_fedmed
 
 pytestmark = pytest.mark.slow
 BUNDLED = "bundled:heart_disease/processed"
@@ -50,7 +57,9 @@ def test_heart_federation_trains_and_writes_outputs(tmp_path: Path) -> None:
     initial = _global_accuracy(overrides, None)
     final = summary["global"]["accuracy"]
     assert final > initial + 0.05, (initial, final)
-    assert final >= 0.75
+    # Each hospital's split is seeded by its name (not its place in the list): seeds 0-4 give
+    # 0.744, 0.770, 0.778, 0.783, 0.813 (seed 0, used here, is the lowest).
+    assert final >= 0.74
 
     # The saved global model reproduces the reported global accuracy exactly.
     saved = torch.load(tmp_path / "global_model.pt")
@@ -111,3 +120,68 @@ def test_fewer_than_min_sites_ends_run_with_nonzero_exit(tmp_path: Path) -> None
     assert summary["status"] == "stopped"
     assert "fewer than federation.min_sites=4" in summary["stop_reason"]
     assert summary["failures"][0]["site"] == "switzerland"
+
+
+BUSY_WORKER = b"ray::ClientAppActor.run"  # Ray's title for an actor running a message
+
+
+def test_a_run_whose_every_site_timed_out_exits_and_leaves_no_worker(tmp_path: Path) -> None:
+    """Every site is still training (hours of local epochs) when the round times out: the
+    coordinator stops the run, and the process ends seconds later with no Ray worker left.
+    Flower's Ray engine waited for each unanswered message before exiting (ray.get without a
+    timeout): the process and its busy workers had stayed alive until the sites finished.
+    The timeout leaves Ray time to start its workers (5 s; 35 s on a loaded 2-core machine)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmed.cli", "simulate", "dataset=heart", "model=svm",
+         "federation.rounds=2", "federation.local_epochs=1000000",
+         "federation.round_timeout=60", f"hydra.run.dir={tmp_path}"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    seen: dict[int, str | None] = {}
+    busy: set[int] = set()  # workers seen running a site's message
+    stop = threading.Event()
+
+    def watch() -> None:  # every process the run started, while it runs
+        while not stop.is_set():
+            for pid in descendants(proc.pid):
+                seen.setdefault(pid, start_time(pid))
+                try:
+                    if command_line(pid).startswith(BUSY_WORKER):
+                        busy.add(pid)
+                except OSError:
+                    continue
+            stop.wait(0.2)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    lines: list[str] = []
+    coordinator_done = None
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 240
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("outputs: "):  # the coordinator's last line
+                coordinator_done = time.monotonic()
+            assert time.monotonic() < deadline, "".join(lines)[-3000:]
+        proc.wait(timeout=60)
+        ended = time.monotonic()
+    finally:
+        stop.set()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    output = "".join(lines)
+    assert proc.returncode == 1, output[-3000:]
+    assert coordinator_done is not None, output[-3000:]
+    assert ended - coordinator_done < 15, (ended - coordinator_done, output[-3000:])
+    summary = read_summary(tmp_path)
+    assert summary["status"] == "stopped" and summary["rounds_completed"] == 0
+    assert "0 site(s) returned an update" in summary["stop_reason"]
+    no_reply = [f for f in summary["failures"] if "no reply within" in f["error"]]
+    assert len(no_reply) == 4, summary["failures"]
+    watcher.join(timeout=5)
+    assert busy, "no Ray worker was running a site's message: the case was not exercised"
+    time.sleep(2)
+    left = sorted(pid for pid, started in seen.items() if started and start_time(pid) == started)
+    assert left == [], [Path(f"/proc/{pid}/cmdline").read_bytes()[:80] for pid in left]

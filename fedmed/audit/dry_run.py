@@ -1,11 +1,13 @@
 """``fedmed dry-run``: which sites would decline which rounds, before anyone trains.
 
-For each site: its training-record count (the only thing read from its data), the noise the
-site would use (explicit, or calibrated exactly as the site calibrates it), the steps per
-round of its Poisson loader, and what its own ledger has already spent. The site's budget
-rule (``fedmed.privacy.budget.decide``) is then applied round by round, with the same
-accountant, without writing anything. Every site is assumed to be sampled every round (the
-worst case for budgets).
+For each site: its policy from its kit exactly as the site derives it (``fedmed.site_policy``:
+a simulated site without a kit gets the generated one), whether it would refuse the run, its
+training-record count (the only thing read from its data), the noise the site would use
+(explicit, or calibrated exactly as the site calibrates it), the steps per round of its
+Poisson loader, and what its own ledger has already spent. The site's budget rule
+(``fedmed.privacy.budget.decide``, with the kit's cap on one run) is then applied round by
+round, with the same accountant, without writing anything. Every site is assumed to be
+sampled every round (the worst case for budgets).
 """
 
 from __future__ import annotations
@@ -15,12 +17,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fedmed.config import FedMedConfig, sites_per_round
-from fedmed.data import load_site, num_sites
-from fedmed.errors import FedMedError
+from fedmed.data import load_site, num_sites, site_kit
+from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
 from fedmed.privacy.budget import check_delta, decide, dp_config, site_policy
 from fedmed.privacy.dp_sgd import poisson_plan, run_noise_multiplier
-from fedmed.privacy.ledger import load_public_key, read_verified
+from fedmed.privacy.ledger import (
+    load_public_key,
+    mark_path,
+    mark_problem,
+    read_mark,
+    read_verified,
+)
+from fedmed.site_policy import SiteRuntime, SiteSetup, check_noise, check_run, site_setup
 from fedmed.train import TrainSettings
 
 
@@ -37,31 +46,76 @@ class SiteProjection:
     noise_multiplier: float
     sample_rate: float
     steps_per_round: int
+    accountant: str = "prv"
     epsilon_by_round: list[float] = field(default_factory=list)
     declines_from_round: int | None = None
     reason: str = ""
+    refuses: str = ""  # the site would refuse the run (its kit owns what the run changes)
 
 
-def _spent(ledger: Path, public_key: Path) -> list[DPSteps]:
-    """What the site's ledger already holds (verified, read only); nothing for a new ledger."""
-    if not ledger.exists():
-        return []
-    entries = read_verified(ledger, load_public_key(public_key))
+def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[DPSteps]:
+    """What the site's ledger already holds (verified, read only); nothing for a new ledger.
+
+    A ledger that is missing, cut short or replaced against the site's high-water mark is
+    refused exactly as the site refuses it (SiteError), so the projection never starts from a
+    shorter history than the site has spent.
+    """
+    if not ledger.exists() and not public_key.exists():
+        return []  # a site that never trained
+    key = load_public_key(public_key)
+    entries = read_verified(ledger, key) if ledger.exists() else []
+    mark = read_mark(mark_file, key)
+    problem = mark_problem(ledger, mark, entries, mark_file) if mark is not None else None
+    if mark is not None and problem is not None:
+        raise SiteError(mark.site, f"ledger {ledger} {problem}")
     return [
         DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
         for e in entries
     ]
 
 
+def _setup(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -> SiteSetup:
+    """The site's kit as the site itself would apply it; ``deployed``: the kits' own ledgers."""
+    if not deployed:
+        return site_setup(cfg, index, SiteRuntime("dry-run", run_dir / "ledgers", False))
+    kit = site_kit(cfg, index)
+    if kit is None:
+        raise FedMedError(
+            "dry-run --deployed reads each site's kit: list them in dataset.site_kits "
+            "(e.g. dataset=heart_kits)"
+        )
+    return SiteSetup(kit, deployed=True)
+
+
+def _refused(name: str, reason: str) -> SiteProjection:
+    return SiteProjection(
+        site=name, records=0, ledger="", delta=0.0, budget_epsilon=0.0, spent_epsilon=0.0,
+        noise_multiplier=0.0, sample_rate=0.0, steps_per_round=0, declines_from_round=1,
+        refuses=reason,
+    )  # fmt: skip
+
+
 def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -> SiteProjection:
     """Apply the site's budget rule to every planned round, without training or writing."""
-    policy = site_policy(cfg, index, run_dir / "ledgers", use_kit_ledger=deployed)
+    setup = _setup(cfg, index, run_dir, deployed)
+    try:
+        check_run(cfg, setup)
+        policy = site_policy(setup.kit)
+    except SiteError as err:
+        return _refused(setup.name, str(err))
     records = len(load_site(cfg, index).y_train)
     check_delta(policy.site, policy.delta, records)
     sigma = run_noise_multiplier(cfg, policy, records)
+    try:
+        check_noise(setup, cfg, sigma)
+    except SiteError as err:
+        return _refused(setup.name, str(err))
     settings = TrainSettings.from_config(cfg)
     plan = poisson_plan(records, settings.batch_size, settings.epochs, sigma)
-    spent = _spent(policy.ledger, policy.public_key)
+    try:
+        spent = _spent(policy.ledger, policy.public_key, mark_path(policy.signing_key))
+    except SiteError as err:
+        return _refused(setup.name, str(err))
     projection = SiteProjection(
         site=policy.site,
         records=records,
@@ -72,11 +126,13 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
         noise_multiplier=sigma,
         sample_rate=plan.sample_rate,
         steps_per_round=plan.steps,
+        accountant=policy.accountant,
     )
+    this_run: list[DPSteps] = []
     for server_round in range(1, cfg.federation.rounds + 1):
-        decision = decide(spent, plan, policy)
+        decision = decide(spent, plan, policy, this_run)
         if decision.train:
-            spent = [*spent, plan]
+            spent, this_run = [*spent, plan], [*this_run, plan]
         elif projection.declines_from_round is None:
             projection.declines_from_round = server_round
             projection.reason = decision.reason
@@ -108,14 +164,18 @@ def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> s
         else f"noise calibrated for privacy.target_epsilon={dp.target_epsilon}"
     )
     rounds = cfg.federation.rounds
+    accountants = sorted({p.accountant for p in projections if not p.refuses}) or ["-"]
     lines = [
         f"dry run: {rounds} rounds x {settings.epochs} local epoch(s), "
-        f"batch {settings.batch_size}, {noise}, accountant {dp.accountant.value}; "
-        "no training, nothing written to any ledger",
+        f"batch {settings.batch_size}, {noise}, accountant {'/'.join(accountants)} (the "
+        "sites' kits); no training, nothing written to any ledger",
         f"{'site':<14}{'records':>8}{'q':>8}{'noise':>8}{'steps/rd':>9}{'spent':>8}"
         f"{'budget':>8}{f'after {rounds} rds':>13}  declines",
     ]
     for p in projections:
+        if p.refuses:
+            lines.append(f"{p.site:<14}{'refuses the run':>62}")
+            continue
         declines = f"from round {p.declines_from_round}" if p.declines_from_round else "none"
         lines.append(
             f"{p.site:<14}{p.records:>8}{p.sample_rate:>8.4f}{p.noise_multiplier:>8.4f}"
@@ -123,7 +183,9 @@ def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> s
             f"{p.epsilon_by_round[-1]:>13.4f}  {declines}"
         )
     for p in projections:
-        if p.reason:
+        if p.refuses:
+            lines.append(f"  {p.refuses}")
+        elif p.reason:
             lines.append(f"  {p.site}, round {p.declines_from_round}: {p.reason}")
     sampled = sites_per_round(cfg.federation, len(projections))
     end = run_ends_at(projections, cfg)
@@ -133,16 +195,18 @@ def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> s
             f"sites train in each; {sampled} sampled per round, assumed all)"
         )
     else:
+        refusing = sum(bool(p.refuses) for p in projections)
         lines.append(
             f"federation: the run would stop in round {end}: fewer than "
             f"federation.min_sites={cfg.federation.min_sites} sites could train "
-            "(status budget_exhausted)"
+            + (f"({refusing} refuse the run)" if refusing else "(status budget_exhausted)")
         )
     return "\n".join(lines)
 
 
 def dry_run(cfg: FedMedConfig, output_dir: Path, deployed: bool) -> int:
-    """Print the projection and write ``dry_run.json``; exit 0 when the run would complete."""
+    """Print the projection and write ``dry_run.json``; exit 0 when the run would complete
+    with every site taking part (1 when it would stop early or a site would refuse it)."""
     if dp_config(cfg) is None:
         raise FedMedError("dry-run projects privacy budgets: set privacy=dp")
     projections = [project_site(cfg, i, output_dir, deployed) for i in range(num_sites(cfg))]
@@ -152,4 +216,4 @@ def dry_run(cfg: FedMedConfig, output_dir: Path, deployed: bool) -> int:
         json.dumps({"stops_at_round": end, "sites": [asdict(p) for p in projections]}, indent=2)
         + "\n"
     )
-    return 0 if end is None else 1
+    return 0 if end is None and not any(p.refuses for p in projections) else 1

@@ -1,9 +1,12 @@
 """``fedmed audit report``: a privacy statement an auditor can read, recompute and publish.
 
 Everything in it comes from the sites' ledgers after ``verify`` checked them (so every number
-is one the auditor can recompute), plus, when a run folder is given, the run's
-``summary.json`` for the secure-aggregation threat model. Written as Markdown (plot beside it)
-and as one self-contained HTML file (plot embedded), rendered from the same Markdown.
+is one the auditor can recompute), with the auditor's own copy of each site's public key
+when given (``--public-key``), plus, when a run folder is given, the run's ``summary.json``
+for the secure-aggregation threat model and the coordinator's signed receipts, which are
+cross-checked against the ledgers and tell this run's entries from the site's lifetime
+context (its entries of other runs). Written as Markdown (plot beside it) and as one
+self-contained HTML file (plot embedded), rendered from the same Markdown.
 """
 
 from __future__ import annotations
@@ -11,12 +14,20 @@ from __future__ import annotations
 import base64
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fedmed.audit.independent import independent_accountants
-from fedmed.audit.verify import TOLERANCE, EntryCheck, LedgerAudit, ledger_paths, verify_all
+from fedmed.audit.receipts import ReceiptsAudit, check_receipts, receipts_in
+from fedmed.audit.verify import (
+    WINDOWS,
+    EntryCheck,
+    LedgerAudit,
+    PublicKeys,
+    ledger_paths,
+    verify_all,
+)
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
 from fedmed.privacy.budget import MECHANISM
@@ -35,16 +46,29 @@ img { max-width: 100%; } code { background: #f3f3f3; padding: 0 0.2rem; }
 
 @dataclass
 class ReportSources:
-    """What the statement is built from: ledgers, and the run's summary when there is one."""
+    """What the statement is built from: ledgers (with the auditor's keys), and the run's
+    summary and receipts when there is a run folder."""
 
     ledgers: list[Path]
     summary: dict[str, Any] | None
     output_dir: Path
+    public_keys: PublicKeys = None
+    receipts: list[Path] = field(default_factory=list)
+    receipts_keys: list[Path] | None = None
+    every_site: bool = True  # the ledgers are a whole run's: every receipted site must be there
 
 
-def find_sources(target: list[str], output_dir: str | None) -> ReportSources:
-    """A run folder (its summary.json and ledgers) or ledger files/folders."""
+def find_sources(
+    target: list[str],
+    output_dir: str | None,
+    *,
+    public_keys: PublicKeys = None,
+    receipts: list[Path] | None = None,
+    receipts_keys: list[Path] | None = None,
+) -> ReportSources:
+    """A run folder (its summary.json, ledgers and receipts) or ledger files/folders."""
     first = Path(target[0])
+    found = receipts or receipts_in(target)
     if len(target) == 1 and (first / "summary.json").is_file():
         summary = json.loads((first / "summary.json").read_text())
         recorded = [
@@ -52,9 +76,24 @@ def find_sources(target: list[str], output_dir: str | None) -> ReportSources:
             for site in summary.get("sites", {}).values()
             if site.get("privacy")
         ]
-        ledgers = recorded or ledger_paths([str(first)])
-        return ReportSources(ledgers, summary, Path(output_dir or first))
-    return ReportSources(ledger_paths(target), None, Path(output_dir or "."))
+        # A simulation's own ledgers/ folder first: the paths in summary.json are where the
+        # sites kept them, which a copied run folder no longer points to.
+        ledgers = (
+            ledger_paths([str(first)]) if (first / "ledgers").is_dir() or not recorded else recorded
+        )
+        return ReportSources(
+            ledgers, summary, Path(output_dir or first), public_keys, found, receipts_keys
+        )
+    every_site = any(Path(p).is_dir() for p in target)
+    return ReportSources(
+        ledger_paths(target),
+        None,
+        Path(output_dir or "."),
+        public_keys,
+        found,
+        receipts_keys,
+        every_site,
+    )
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
@@ -159,19 +198,124 @@ def _entry_row(site: str, e: EntryCheck) -> list[str]:
     ]
 
 
+ENTRY_HEADER = [
+    "site",
+    "run",
+    "round",
+    "sample rate",
+    "noise",
+    "steps",
+    "epsilon (recorded)",
+    "epsilon (PLD)",
+    "epsilon (RDP)",
+    "budget",
+]
+
+
+@dataclass(frozen=True)
+class RunSplit:
+    """A site's entries: this run's (receipted, or of a receipted run id) and the others."""
+
+    this_run: list[tuple[str, EntryCheck]]
+    unreceipted: list[tuple[str, EntryCheck]]  # this run's run id, but no receipt
+    lifetime: list[tuple[str, EntryCheck]]
+
+
+def split_by_run(audits: list[LedgerAudit], books: list[ReceiptsAudit]) -> RunSplit:
+    """This run's entries are those the coordinator holds receipts for; an entry of the same
+    run id without one was recorded by the site but its update never arrived (or was lost)."""
+    receipted = set().union(*(b.hashes() for b in books)) if books else set()
+    runs = {e.run_id for a in audits for e in a.entries if e.hash in receipted}
+    this_run, unreceipted, lifetime = [], [], []
+    for audit in audits:
+        for e in audit.entries:
+            item = (audit.site or "?", e)
+            if e.hash in receipted:
+                this_run.append(item)
+            elif e.run_id in runs:
+                unreceipted.append(item)
+            else:
+                lifetime.append(item)
+    return RunSplit(this_run, unreceipted, lifetime)
+
+
+def _run_sections(audits: list[LedgerAudit], books: list[ReceiptsAudit]) -> list[str]:
+    """This run's entries, then the lifetime context; one table of all without receipts."""
+    every = [(a.site or "?", e) for a in audits for e in a.entries]
+    if not books:
+        return [
+            "## Epsilon per site and round (all runs)",
+            "No receipts of the coordinator were given, so this run's entries cannot be told "
+            "from the sites' other runs: give the run folder (its `receipts.jsonl`) or "
+            "`--receipts`.",
+            _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in every]),
+        ]
+    split = split_by_run(audits, books)
+    count = sum(len(b.receipts) for b in books)
+    parts = [
+        "## This run's entries",
+        f"The coordinator holds {count} signed receipt(s) of updates it received "
+        f"({', '.join(f'`{b.path}`' for b in books)}); each names the ledger entry its site "
+        f"recorded first. {len(split.this_run)} of them were found in the sites' ledgers.",
+        _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.this_run]),
+    ]
+    if split.unreceipted:
+        parts += [
+            "Recorded by the site in this run without a receipt (the update never reached "
+            "the coordinator, e.g. a dropout; the spend counts all the same):",
+            _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.unreceipted]),
+        ]
+    parts += [
+        "## Lifetime context (the sites' entries of other runs)",
+        "Each site's budget counts these too; they are verified like this run's, but no "
+        "receipt of this run covers them."
+        if split.lifetime
+        else "None: the ledgers hold only this run.",
+    ]
+    if split.lifetime:
+        parts.append(_md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.lifetime]))
+    return parts
+
+
+def _keys_section(audits: list[LedgerAudit], auditor_keys: bool) -> str:
+    if auditor_keys:
+        return "\n".join(
+            f"- `{a.ledger}` verified with the auditor's key `{a.public_key}`"
+            + (f"; high-water mark `{a.mark}` ({a.mark_entries} entries)" if a.mark else "")
+            for a in audits
+        )
+    return "\n".join(
+        f"- `{a.ledger}` verified with `{a.public_key}`, the copy beside the ledger (give "
+        "`--public-key SITE=PUB` with the auditor's own copy of each site's key)"
+        + (f"; high-water mark `{a.mark}` ({a.mark_entries} entries)" if a.mark else "")
+        for a in audits
+    )
+
+
 def statement_markdown(
-    audits: list[LedgerAudit], summary: dict[str, Any] | None, image_src: str
+    audits: list[LedgerAudit],
+    summary: dict[str, Any] | None,
+    image_src: str,
+    books: list[ReceiptsAudit] | None = None,
+    auditor_keys: bool = False,
 ) -> str:
     """The whole statement; ``image_src`` is the plot's file name or a data: URI."""
-    ok = all(a.ok for a in audits)
+    books = books or []
+    ok = all(a.ok for a in audits) and all(b.ok for b in books)
     entries = [(a.site or "?", e) for a in audits for e in a.entries]
     acc = independent_accountants()
     writers = sorted({e.accountant for _, e in entries}) or ["none recorded"]
     clips = sorted({str(e.max_grad_norm) for _, e in entries})
+    receipts_text = (
+        f"; {sum(len(b.receipts) for b in books)} coordinator receipt(s) cross-checked"
+        if books
+        else "; no coordinator receipts given"
+    )
     parts = [
         "# Privacy statement",
         f"**Verification verdict: {'PASS' if ok else 'FAIL'}** — {len(audits)} ledger(s); "
-        f"hash chains and Ed25519 signatures checked, every epsilon recomputed independently.",
+        f"hash chains and Ed25519 signatures checked, every epsilon recomputed independently"
+        f"{receipts_text}.",
         "## Unit of privacy and mechanism",
         f"- Unit of privacy: {UNIT_OF_PRIVACY}. Each site enforces its own (epsilon, delta) "
         "budget over its lifetime (all runs), on its own data.",
@@ -179,9 +323,10 @@ def statement_markdown(
         f"clipping (max_grad_norm {', '.join(clips) or 'n/a'}) and Gaussian noise.",
         f"- Accountant that wrote the ledgers: {', '.join(writers)}.",
         f"- Independent recomputation: {acc['library']} {acc['version']}, PLD accountant "
-        f"(reference; a recorded epsilon more than {TOLERANCE:.0%} below it is flagged) and "
-        "RDP accountant (classic upper bound).",
-        "## Budget and delta per site",
+        "(reference for PRV) and RDP accountant over Opacus' orders (reference for RDP); a "
+        "recorded epsilon outside its window, above or below, is flagged "
+        f"({WINDOWS['prv']}; {WINDOWS['rdp']}).",
+        "## Budget and delta per site (lifetime)",
         _md_table(
             [
                 "site",
@@ -214,23 +359,8 @@ def statement_markdown(
                 if a.entries
             ],
         ),
-        "## Epsilon per site and round",
         f"![lifetime epsilon per site and round against budget]({image_src})",
-        _md_table(
-            [
-                "site",
-                "run",
-                "round",
-                "sample rate",
-                "noise",
-                "steps",
-                "epsilon (recorded)",
-                "epsilon (PLD)",
-                "epsilon (RDP)",
-                "budget",
-            ],
-            [_entry_row(site, e) for site, e in entries],
-        ),
+        *_run_sections(audits, books),
         "## What the coordinator could see",
         _threat_model(summary),
         "## Provenance",
@@ -240,14 +370,30 @@ def statement_markdown(
         ),
         "## Verification findings",
         "\n".join(
-            f"- `{a.ledger}` line {f.line if f.line is not None else '-'} [{f.check}]: {f.message}"
-            for a in audits
-            for f in a.findings
+            [
+                f"- `{a.ledger}` line {f.line if f.line is not None else '-'} [{f.check}]: "
+                f"{f.message}"
+                for a in audits
+                for f in a.findings
+            ]
+            + [
+                f"- `{b.path}` line {f.line if f.line is not None else '-'} [{f.check}]: "
+                f"{f.message}"
+                for b in books
+                for f in b.findings
+            ]
         )
         or "None: every ledger verified.",
         "## Ledgers and keys",
-        "\n".join(f"- `{a.ledger}` verified with `{a.public_key}`" for a in audits),
+        _keys_section(audits, auditor_keys),
     ]
+    if books:
+        parts.append(
+            "\n".join(
+                f"- receipts `{b.path}` verified with the coordinator's key `{b.public_key}`"
+                for b in books
+            )
+        )
     return "\n\n".join(parts) + "\n"
 
 
@@ -273,7 +419,8 @@ def to_html(markdown_text: str) -> str:
 
 def write_report(sources: ReportSources) -> tuple[Path, Path, bool]:
     """Write ``privacy_statement.md`` (+ plot) and ``.html``; returns the paths and verdict."""
-    audits = verify_all(sources.ledgers)
+    audits = verify_all(sources.ledgers, sources.public_keys)
+    books = check_receipts(audits, sources.receipts, sources.receipts_keys, sources.every_site)
     if not any(a.entries for a in audits) and all(a.ok for a in audits):
         raise FedMedError("no ledger entries to report on (did any site train with privacy=dp?)")
     png = epsilon_plot_png(audits)
@@ -281,8 +428,10 @@ def write_report(sources: ReportSources) -> tuple[Path, Path, bool]:
     out.mkdir(parents=True, exist_ok=True)
     (out / PLOT).write_bytes(png)
     md_path = out / f"{STATEMENT}.md"
-    md_path.write_text(statement_markdown(audits, sources.summary, PLOT))
+    auditor_keys = bool(sources.public_keys)
+    md_path.write_text(statement_markdown(audits, sources.summary, PLOT, books, auditor_keys))
     data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
     html_path = out / f"{STATEMENT}.html"
-    html_path.write_text(to_html(statement_markdown(audits, sources.summary, data_uri)))
-    return md_path, html_path, all(a.ok for a in audits)
+    html = statement_markdown(audits, sources.summary, data_uri, books, auditor_keys)
+    html_path.write_text(to_html(html))
+    return md_path, html_path, all(a.ok for a in audits) and all(b.ok for b in books)

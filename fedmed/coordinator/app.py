@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from fedmed.coordinator.grid import (
 )
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.strategies import build_strategy
-from fedmed.data import data_schema, num_sites
+from fedmed.data import data_schema, num_sites, site_names
 from fedmed.models import build_model
 from fedmed.secure.params import resolve_secagg
 from fedmed.secure.workflow import RecordedSecAggPlusWorkflow
@@ -39,15 +40,25 @@ def _reply_poll_interval(grid: Grid) -> float:
     return SIMULATION_REPLY_POLL_S if isinstance(grid, InMemoryGrid) else DEPLOYMENT_REPLY_POLL_S
 
 
-def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir: Path) -> dict:
+def run_coordinator(
+    grid: Grid,
+    context: Context,
+    cfg: FedMedConfig,
+    output_dir: Path,
+    receipt_key: Path | None = None,
+    registry: dict[int, str] | None = None,
+) -> dict:
     """Run all rounds, then write the global model, metrics.csv, summary.json and accuracy.png.
 
-    A checkpoint is saved after every round; ``resume=true`` continues from it.
+    A checkpoint is saved after every round; ``resume=true`` continues from it. Receipts of
+    the sites' ledger entries are signed with ``receipt_key`` (default: one in output_dir).
+    In deployment, ``registry`` (node id -> site, coordinator/registry.py) names the sites
+    and says which nodes may be sampled; simulation has none.
     """
     random.seed(cfg.seed)  # Flower's client sampling uses the `random` module
     np.random.seed(cfg.seed)
     total_sites = num_sites(cfg)
-    recorder = RunRecorder(cfg, output_dir, total_sites)
+    recorder = RunRecorder(cfg, output_dir, total_sites, receipt_key=receipt_key)
     model = build_model(cfg.model.name, data_schema(cfg), cfg.seed, cfg.audit.canaries)
     resumed = checkpoint.load(output_dir) if cfg.resume else None
     weights = resumed.global_weights if resumed is not None else get_weights(model)
@@ -92,6 +103,8 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
                 round_offset=done,
                 round_timeout=cfg.federation.round_timeout,
                 reply_poll_s=_reply_poll_interval(grid),
+                registry=registry,
+                run_sites=site_names(cfg) if registry is not None else None,
             )
             observed.wait_for_sites(total_sites, cfg.federation.connect_timeout)
             DefaultWorkflow(fit_workflow=fit_workflow)(observed, legacy)  # type: ignore[arg-type]
@@ -105,12 +118,22 @@ def run_coordinator(grid: Grid, context: Context, cfg: FedMedConfig, output_dir:
     return summary
 
 
-def make_server_app(cfg: FedMedConfig, output_dir: Path) -> ServerApp:
-    """ServerApp for an in-process simulation whose config is known up front."""
+def make_server_app(
+    cfg: FedMedConfig, output_dir: Path, on_done: Callable[[], None] | None = None
+) -> ServerApp:
+    """ServerApp for an in-process simulation whose config is known up front.
+
+    ``on_done`` runs once the coordinator has finished (summary written or not): the
+    simulation uses it to end the sites' work that no round waits for any more.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_coordinator(grid, context, cfg, output_dir)
+        try:
+            run_coordinator(grid, context, cfg, output_dir)
+        finally:
+            if on_done is not None:
+                on_done()
 
     return app

@@ -66,27 +66,51 @@ class PrivacyLog:
             sample_rate=float(metrics["sample_rate"]),
             ledger=str(metrics["ledger"]),
         )
+        if "accountant" in metrics:
+            state["accountant"] = str(metrics["accountant"])
 
     def max_epsilon(self, server_round: int) -> float | None:
         values = [s.epsilon for s in self.spends if s.round == server_round]
         return max(values) if values else None
+
+    def _reported(self, key: str) -> list[Any]:
+        return sorted({state[key] for state in self.sites.values() if key in state})
+
+    def _accountant(self) -> dict[str, str]:
+        """The accountant of the sites' budget checks: each site's kit decides it (the run
+        may only name the same one)."""
+        dp = dp_config(self.cfg)
+        assert dp is not None
+        names = [dp.accountant.value] if dp.accountant is not None else self._reported("accountant")
+        if len(names) == 1:
+            return accountant_record(names[0])
+        per_site = ", ".join(
+            f"{site} {state['accountant']}"
+            for site, state in sorted(self.sites.items())
+            if "accountant" in state
+        )
+        return {
+            **accountant_record("rdp"),
+            "name": f"per site ({per_site})" if per_site else "each site's kit (none reported)",
+        }
 
     def run_summary(self) -> dict[str, Any]:
         """The run-level ``privacy`` block of summary.json."""
         dp = dp_config(self.cfg)
         if dp is None:
             return {"mechanism": "none", "unit": None}
+        deltas = [dp.delta] if dp.delta is not None else self._reported("delta")
         return {
             "mechanism": MECHANISM,
             "unit": UNIT_OF_PRIVACY,
-            "accountant": accountant_record(dp.accountant.value),
+            "accountant": self._accountant(),
             "target_epsilon": dp.target_epsilon,
             "noise_multiplier": {
                 site: state["noise_multiplier"] for site, state in sorted(self.sites.items())
             },
             "noise": "explicit" if dp.noise_multiplier is not None else "calibrated per site",
             "max_grad_norm": dp.max_grad_norm,
-            "delta": dp.delta,
+            "delta": deltas[0] if len(deltas) == 1 else None,  # else: per site
             "clipping": dp.clipping.value,
             "config_hash": config_hash(self.cfg),
             "code_version": code_version(),

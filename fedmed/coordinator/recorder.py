@@ -14,10 +14,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flwr.common import Error
+
 from fedmed.config import FedMedConfig
 from fedmed.coordinator.privacy_log import PrivacyLog
+from fedmed.coordinator.receipts import ReceiptBook
 from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.metrics import EvalStats
+from fedmed.site_policy import REFUSES
 
 # A run that ended because sites' privacy budgets ran out ended as designed.
 CLEAN_STATUSES = ("completed", "budget_exhausted")
@@ -35,6 +39,8 @@ METRICS_COLUMNS = (
 )
 # SiteError text ("site 'NAME': problem") as it appears, possibly escaped, inside Flower's error
 _SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULTILINE)
+# The simulation engine's wrapping of an exception: "<class 'pkg.Name'>:<'message"
+_FLOWER_CLASS = re.compile(r"^<class '(?:[\w.]+\.)?(\w+)'>:<'?")
 
 
 def site_error(text: str) -> tuple[str, str]:
@@ -50,7 +56,22 @@ def site_error(text: str) -> tuple[str, str]:
         return site, f"site '{site}': {message.strip()}"
     lines = [ln.strip(" '\">)") for ln in unescaped.replace("\\n", "\n").splitlines()]
     last = next((ln for ln in reversed(lines) if ln), repr(text))
-    return "unknown", last[:300]
+    return "unknown", _FLOWER_CLASS.sub(r"\1: ", last)[:300]
+
+
+def failure_text(failure: BaseException | Any) -> str:
+    """The text of a failure as Flower hands it over: an error reply's own reason (Flower
+    wraps it as ``Exception(Error)``, whose str is the Error's repr), an exception's
+    message, or a ``(proxy, result)`` pair whose result reports a non-OK status."""
+    if isinstance(failure, BaseException):
+        inner = failure.args[0] if len(failure.args) == 1 else None
+        return inner.reason if isinstance(inner, Error) and inner.reason else str(failure)
+    if isinstance(failure, tuple) and len(failure) == 2 and hasattr(failure[1], "status"):
+        result = failure[1]
+        site = getattr(result, "metrics", {}).get("site")
+        message = str(result.status.message)
+        return f"site '{site}': {message}" if site else message
+    return repr(failure)
 
 
 @dataclass
@@ -61,8 +82,9 @@ class RoundRecord:
     accuracy: float
     auc: float | None
     loss: float
-    sites: int
+    sites: int  # sites that evaluated the global model
     seconds: float
+    trained: int = 0  # sites whose update went into this round's aggregate
 
 
 @dataclass
@@ -89,14 +111,18 @@ class RunRecorder:
     status: str = "running"
     stop_reason: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    receipt_key: Path | None = None  # the coordinator's receipt key (default: in output_dir)
     privacy: PrivacyLog = field(init=False)
+    receipts: ReceiptBook = field(init=False)
     secure: SecureAggregationLog = field(default_factory=SecureAggregationLog)
     _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
+    _trained: dict[int, set[str]] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
     _round_started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
         self.privacy = PrivacyLog(self.cfg)
+        self.receipts = ReceiptBook(self.output_dir, self.receipt_key)
 
     def start_round(self) -> None:
         self._round_started = time.perf_counter()
@@ -109,6 +135,9 @@ class RunRecorder:
         if metrics.get("declined"):
             print(f"round {server_round:>3} | {site} declined: {metrics['declined']}", flush=True)
             return
+        if self.privacy.enabled and "epsilon" in metrics:
+            self.receipts.record(server_round, site, metrics)  # signed, before aggregation
+        self._trained.setdefault(server_round, set()).add(site)
         self._fit_rows[site] = {
             "num_train": num_train,
             "train_loss": float(metrics.get("train_loss", float("nan"))),
@@ -121,15 +150,14 @@ class RunRecorder:
     ) -> None:
         """Name the failed site from the error text (sites raise ``SiteError("site 'x': ...")``)."""
         for failure in failures:
-            site, message = site_error(
-                str(failure) if isinstance(failure, BaseException) else repr(failure)
-            )
+            site, message = site_error(failure_text(failure))
             self.failures.append(Failure(site, server_round, stage, message))
             print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
 
     def record_rejected(self, server_round: int, site: str, problem: str) -> None:
         """An update the coordinator refused (a site that skipped or lacks its own checks)."""
         message = f"update rejected by the coordinator: {problem}"
+        self._trained.get(server_round, set()).discard(site)  # not in the aggregate
         self.failures.append(Failure(site, server_round, "fit", message))
         print(f"round {server_round:>3} | fit failed at {site}: {message}", flush=True)
 
@@ -176,6 +204,7 @@ class RunRecorder:
             merged.loss,
             len(per_site),
             time.perf_counter() - self._round_started,
+            len(self._trained.get(server_round, ())),
         )
         self.history.append(record)
         auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
@@ -183,13 +212,22 @@ class RunRecorder:
         eps_text = f" | max site epsilon {eps:.3f}" if eps is not None else ""
         print(
             f"round {server_round:>3}/{self.cfg.federation.rounds} | loss {record.loss:.4f} | "
-            f"accuracy {record.accuracy:.4f} | auc {auc} | sites {record.sites}{eps_text} | "
+            f"accuracy {record.accuracy:.4f} | auc {auc} | sites trained {record.trained}, "
+            f"evaluated {record.sites}{eps_text} | "
             f"{record.seconds:.1f}s",
             flush=True,
         )
         return record
 
     def stop(self, reason: str, status: str = "stopped") -> None:
+        refused = sorted({f.site for f in self.failures if REFUSES in f.error})
+        if status == "stopped" and len(refused) == self.num_sites:
+            # Every site's own kit forbids what this run asks: say so, not just "too few".
+            status = "refused"
+            reason = (
+                f"every site refused the run ({', '.join(refused)}): it asks for something "
+                f"their kits do not allow; each site's reason is in failures ({reason})"
+            )
         self.status = status
         self.stop_reason = reason
         print(f"federation {status.replace('_', ' ')}: {reason}", flush=True)

@@ -10,6 +10,7 @@ between rounds.
 from __future__ import annotations
 
 import functools
+import hashlib
 from importlib import resources
 from pathlib import Path
 
@@ -57,11 +58,20 @@ def _load_kits(kits: tuple[str, ...]) -> tuple[SiteKit, ...]:
 
 
 def site_kit(cfg: FedMedConfig, index: int) -> SiteKit | None:
-    """The hospital's kit when the federation is read through site kits, else None."""
+    """The hospital's kit when a simulated federation is read through site kits, else None.
+
+    A deployed site never calls this: it reads only its own kit (node_config ``kit``).
+    """
     ds = cfg.dataset
     if isinstance(ds, TabularConfig) and ds.site_kits:
         return _load_kits(tuple(ds.site_kits))[index]
     return None
+
+
+def site_seed(name: str) -> int:
+    """A stable number from a site's name: its data split must not depend on which other
+    hospitals are in the run (or in what order), nor on Python's per-process hash seed."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big")
 
 
 def site_files(ds: TabularConfig) -> tuple[list[str], list[str]]:
@@ -78,7 +88,7 @@ def num_sites(cfg: FedMedConfig) -> int:
     ds = cfg.dataset
     if _is_natural_federation(ds):
         assert isinstance(ds, TabularConfig)
-        count = len(site_files(ds)[0])
+        count = len(ds.site_kits or ds.paths)  # counted without reading any kit
         if requested is not None and requested != count:
             raise ConfigError(
                 "federation.num_sites",
@@ -122,9 +132,9 @@ def _tabular_site(
     prep = SitePreprocessor.fit(table, spec, train)
     return SiteData(
         name=name,
-        x_train=prep.transform(table.features[train]),
+        x_train=prep.transform_rows(table, train),
         y_train=table.labels[train],
-        x_test=prep.transform(table.features[test]),
+        x_test=prep.transform_rows(table, test),
         y_test=table.labels[test],
         num_classes=len(spec.classes),
     )
@@ -211,9 +221,10 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
         spec = tabular_spec(ds)
         if _is_natural_federation(ds):
             table = _read_table_cached(site_files(ds)[0][index], spec)
-            rng = np.random.default_rng([cfg.seed, index])
+            name = site_names(cfg)[index]
+            rng = np.random.default_rng([cfg.seed, site_seed(name)])
             train, test = stratified_split(table.labels, ds.test_fraction, rng)
-            return _tabular_site(site_names(cfg)[index], table, spec, train, test)
+            return _tabular_site(name, table, spec, train, test)
         assert ds.path is not None
         return _load_partitioned_table(cfg, _read_table_cached(ds.path, spec), spec, index)
     if isinstance(ds, SklearnConfig):

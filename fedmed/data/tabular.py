@@ -30,13 +30,28 @@ class TabularSpec:
     missing_indicators: bool = True
 
 
+SEMICOLON_HINT = (
+    "the file looks ';'-separated (Excel in some locales); save it as comma-separated CSV"
+)
+
+
 @dataclass(frozen=True)
 class Table:
-    """Numeric feature matrix (NaN = missing), class indices and the feature names."""
+    """Numeric feature matrix (NaN = missing), class indices and the feature names.
+
+    ``source`` and ``lines`` (the file line of each row) let later checks name the record
+    they refuse; tables not read from a file leave them empty.
+    """
 
     features: np.ndarray
     labels: np.ndarray
     feature_names: tuple[str, ...]
+    source: str = ""
+    lines: tuple[int, ...] = ()
+
+    def where(self, row: int) -> str:
+        """``line N`` of the file for row ``row`` (``record N`` when there is no file)."""
+        return f"line {self.lines[row]}" if self.lines else f"record {row + 1}"
 
 
 def _read_rows(path: Path, spec: TabularSpec) -> tuple[list[str], list[tuple[int, list[str]]]]:
@@ -44,31 +59,68 @@ def _read_rows(path: Path, spec: TabularSpec) -> tuple[list[str], list[tuple[int
     if not path.is_file():
         raise DataError(str(path), "file not found")
     try:
-        with path.open(newline="", encoding="utf-8") as handle:
+        # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which plain utf-8
+        # would glue onto the first column's name (or the first value of a header-less file).
+        with path.open(newline="", encoding="utf-8-sig") as handle:
             reader = csv.reader(handle)
             rows = [(reader.line_num, row) for row in reader if any(c.strip() for c in row)]
     except (UnicodeDecodeError, csv.Error) as exc:
         raise DataError(str(path), f"not a readable UTF-8 CSV file ({exc})") from None
+    _check_not_semicolon_separated(path, rows)
     if spec.header is None:
         if not rows:
             raise DataError(str(path), "file is empty (no header row)")
         header, rows = [c.strip() for c in rows[0][1]], rows[1:]
+        _check_unique_names(path, header, "the header row")
     else:
         header = list(spec.header)
+        _check_unique_names(path, header, "dataset.header")
     if not rows:
         raise DataError(str(path), "file has no data rows")
     for line, row in rows:
         if len(row) != len(header):
             raise DataError(
                 str(path),
-                f"line {line} has {len(row)} columns, expected {len(header)} ({', '.join(header)})",
+                f"line {line} has {len(row)} columns, expected {len(header)} "
+                f"({', '.join(header)}){_semicolon_hint([*header, *row])}",
             )
     return header, rows
 
 
+def _check_not_semicolon_separated(path: Path, rows: list[tuple[int, list[str]]]) -> None:
+    """Every row one column, and the first holds ``;``: a ';'-separated file, read as one
+    column. Without this the user would only hear that the label column is missing."""
+    if rows and all(len(row) == 1 for _, row in rows) and ";" in rows[0][1][0]:
+        line, row = rows[0]
+        raise DataError(
+            str(path), f"line {line} is a single column {row[0][:60]!r}: {SEMICOLON_HINT}"
+        )
+
+
+def _semicolon_hint(cells: list[str]) -> str:
+    """The ';'-separated hint, for an error about cells of which one holds a ';'."""
+    return f"; {SEMICOLON_HINT}" if any(";" in cell for cell in cells) else ""
+
+
+def _check_unique_names(path: Path, header: list[str], where: str) -> None:
+    """Two columns of one name: reading by name would silently use the first one twice."""
+    first: dict[str, int] = {}
+    for position, name in enumerate(header, start=1):
+        if name in first:
+            raise DataError(
+                str(path),
+                f"columns {first[name]} and {position} of {where} are both named '{name}'; "
+                "rename one so every column name is unique",
+            )
+        first[name] = position
+
+
 def _column_index(path: Path, header: list[str], name: str, role: str) -> int:
     if name not in header:
-        raise DataError(str(path), f"{role} column '{name}' not found; columns are {header}")
+        raise DataError(
+            str(path),
+            f"{role} column '{name}' not found; columns are {header}{_semicolon_hint(header)}",
+        )
     return header.index(name)
 
 
@@ -80,7 +132,8 @@ def _parse_cell(path: Path, cell: str, line: int, column: str, spec: TabularSpec
         value = float(text)
     except ValueError:
         raise DataError(
-            str(path), f"line {line}, column '{column}': non-numeric value {cell!r}"
+            str(path),
+            f"line {line}, column '{column}': non-numeric value {cell!r}{_semicolon_hint([text])}",
         ) from None
     if not math.isfinite(value):
         raise DataError(str(path), f"line {line}, column '{column}': non-finite value {cell!r}")
@@ -92,6 +145,7 @@ def read_table(path: Path, spec: TabularSpec) -> Table:
     header, rows = _read_rows(path, spec)
     label_idx = _column_index(path, header, spec.label, "label")
     names = spec.features or tuple(c for c in header if c != spec.label)
+    _check_unique_names(path, list(names), "dataset.features")
     feature_idx = [_column_index(path, header, name, "feature") for name in names]
     matrix = np.array(
         [
@@ -128,7 +182,7 @@ def read_table(path: Path, spec: TabularSpec) -> Table:
             col = names.index(column)
             matrix[matrix[:, col] == 0.0, col] = math.nan
     _check_all_missing_columns(path, matrix, names, spec)
-    return Table(matrix, labels, tuple(names))
+    return Table(matrix, labels, tuple(names), str(path), tuple(line for line, _ in rows))
 
 
 def _check_all_missing_columns(
@@ -184,10 +238,38 @@ class SitePreprocessor:
         for j in np.flatnonzero(counts):
             medians[j] = np.median(train[observed[:, j], j])
         filled = np.where(observed, train, medians)
-        means = filled.mean(axis=0)
-        stds = filled.std(axis=0)
+        with np.errstate(over="ignore", invalid="ignore"):
+            means = filled.mean(axis=0)
+            stds = filled.std(axis=0)
+        finite = np.isfinite(medians) & np.isfinite(means) & np.isfinite(stds)
+        for j in np.flatnonzero(~finite):
+            _refuse_value(
+                table,
+                rows,
+                numeric[j],
+                "the site's standardisation of the column (its median, mean or standard "
+                "deviation is not a finite number)",
+            )
         stds[stds < 1e-12] = 1.0
         return cls(numeric, categorical, medians, means, stds, spec.missing_indicators)
+
+    def transform_rows(self, table: Table, rows: np.ndarray) -> np.ndarray:
+        """``transform`` of some of ``table``'s rows; a value whose standardised form is not a
+        finite float32 (far outside the training rows' range) is refused by line and column
+        instead of reaching the model as inf."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = self.transform(table.features[rows])
+        bad = ~np.isfinite(out[:, : len(self.numeric)])
+        if bad.any():
+            row, j = (int(v) for v in np.argwhere(bad)[0])
+            _refuse_value(
+                table,
+                rows[row : row + 1],
+                self.numeric[j],
+                f"the float32 range once standardised (the site's training rows have mean "
+                f"{self.means[j]:g}, standard deviation {self.stds[j]:g})",
+            )
+        return out
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         values = features[:, list(self.numeric)]
@@ -208,3 +290,15 @@ class SitePreprocessor:
         one_hot = sum(len(declared[n]) for n in feature_names if n in declared)
         indicators = len(feature_names) if spec.missing_indicators else 0
         return numeric + indicators + one_hot
+
+
+def _refuse_value(table: Table, rows: np.ndarray, column: int, what: str) -> None:
+    """Refuse the largest-magnitude value of ``column`` among ``rows``, by file line."""
+    values = np.abs(table.features[rows, column])
+    row = int(rows[int(np.nanargmax(values))])
+    raise DataError(
+        table.source or "the site's data",
+        f"{table.where(row)}, column '{table.feature_names[column]}': value "
+        f"{table.features[row, column]:g} overflows {what}; correct the value or drop the "
+        "record",
+    )

@@ -2,7 +2,7 @@
 
 - ``init_ca``: the consortium CA (``ca.key`` 0600, ``ca.crt`` for everyone).
 - ``server_certificate``: the coordinator's TLS certificate, signed by the CA, with a SAN for
-  every host name / IP the sites connect to.
+  every host name / IP the sites connect to, and for its own loopback (the operator's API).
 - ``site_keys``: a site's SuperNode authentication key pair (ECDSA P-384 in OpenSSH format,
   as Flower expects) and its Ed25519 ledger-signing key pair.
 
@@ -126,10 +126,17 @@ def _subject_alternative_name(hosts: list[str]) -> x509.SubjectAlternativeName:
     return x509.SubjectAlternativeName(names)
 
 
+# The operator's tools and Flower's ServerApp runtime reach the SuperLink on the coordinator's
+# loopback (server kit: control_address), over the same TLS certificate.
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1")
+
+
 def server_certificate(folder: Path, hosts: list[str], force: bool = False) -> tuple[Path, Path]:
-    """The coordinator's TLS key and certificate for ``hosts``; returns their paths."""
+    """The coordinator's TLS key and certificate for ``hosts`` and its loopback; returns
+    their paths."""
     if not hosts:
         raise FedMedError("fedmed certs server: give at least one --host (name or IP)")
+    hosts = [*hosts, *(h for h in LOOPBACK_HOSTS if h not in hosts)]
     ca_key, ca_cert = _load_ca(folder)
     key = ec.generate_private_key(ec.SECP384R1())
     cert = (
@@ -187,7 +194,12 @@ def certs_main(argv: list[str]) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     ca = commands.add_parser("init-ca", help="create the consortium CA")
     server = commands.add_parser("server", help="the coordinator's TLS certificate")
-    server.add_argument("--host", nargs="+", required=True, help="host names / IPs (SANs)")
+    server.add_argument(
+        "--host",
+        nargs="+",
+        required=True,
+        help="host names / IPs the hospitals reach (SANs; localhost and 127.0.0.1 are added)",
+    )
     site = commands.add_parser("site", help="a site's node-auth and ledger keys")
     site.add_argument("name", help="the site's name, as in its kit")
     for sub in (ca, server, site):
@@ -205,3 +217,14 @@ def certs_main(argv: list[str]) -> int:
         kind = "private, mode 0600" if path.suffix == ".key" else "share it"
         print(f"wrote {path} ({kind})")
     return 0
+
+
+def certificate_names(cert_path: Path) -> set[str]:
+    """The host names and IPs a certificate's SAN covers (IPs as text)."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set()
+    ips = {str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+    return ips | set(san.get_values_for_type(x509.DNSName))

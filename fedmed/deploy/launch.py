@@ -1,8 +1,11 @@
 """Start the coordinator's SuperLink and the hospitals' SuperNodes, and submit runs.
 
 TLS and SuperNode authentication are on unless ``--insecure`` is asked for (with a warning).
-Every process runs Flower's own binaries (``flower-superlink``, ``flower-supernode``,
-``flwr``) from this environment; fedmed only fills in their arguments from the kits.
+The SuperLink is Flower's own, served by ``fedmed.deploy.superlink`` on two sockets: the
+hospitals' address (Fleet API only) and the operator's loopback address (Control and Runtime
+APIs), where ``fedmed server run`` submits. SuperNodes and the CLI are Flower's own binaries
+(``flower-supernode``, ``flwr``) from this environment; fedmed fills in their arguments from
+the kits.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from fedmed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY
-from fedmed.deploy.kits import ServerKit, load_server_kit
+from fedmed.coordinator.registry import REGISTRY_FILE
+from fedmed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, certificate_names
+from fedmed.deploy.kits import ServerKit, host_port, load_server_kit
 from fedmed.errors import FedMedError
 from fedmed.sitekit import SiteKit, load_site_kit
 
@@ -51,13 +55,20 @@ def _require(path: str | None, what: str) -> str:
     return path
 
 
+def registry_path(kit: ServerKit) -> Path:
+    """Where ``fedmed server start`` writes node id -> site, and the coordinator reads it."""
+    return Path(kit.state) / REGISTRY_FILE
+
+
 def superlink_command(kit: ServerKit, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line for this kit."""
-    host, port = kit.address.rsplit(":", 1)
+    """The SuperLink command line for this kit: Flower's arguments, the hospitals' address,
+    and (with node authentication) every site's key with its name."""
+    host, port = host_port(kit.control_address, "server kit: control_address")
     command = [
-        _binary("flower-superlink"),
+        sys.executable, "-m", "fedmed.deploy.superlink",
+        "--fleet-address", kit.address,
         "--host", host,
-        "--port", port,
+        "--port", str(port),
         "--database", str(Path(kit.state) / "superlink.db"),
         # The ServerApp runs in this environment: Flower would otherwise `uv sync` a fresh
         # one per run from the package's requirements (GBs of CUDA wheels, from the network).
@@ -66,8 +77,11 @@ def superlink_command(kit: ServerKit, insecure: bool) -> list[str]:
     if insecure:
         return [*command, "--insecure"]
     certs = Path(kit.certs)
+    sites = [f"--site={name}={key}" for name, key in kit.sites.items()]
     return [
         *command,
+        *sites,
+        "--registry", str(registry_path(kit)),
         "--ssl-ca-certfile", _require(str(certs / CA_CERT), "consortium CA certificate"),
         "--ssl-certfile", _require(str(certs / SERVER_CERT), "coordinator certificate"),
         "--ssl-keyfile", _require(str(certs / SERVER_KEY), "coordinator private key"),
@@ -75,13 +89,27 @@ def superlink_command(kit: ServerKit, insecure: bool) -> list[str]:
     ]  # fmt: skip
 
 
-def supernode_command(kit: SiteKit, insecure: bool) -> list[str]:
-    """The ``flower-supernode`` command line for a hospital's kit."""
+def config_string(value: str, what: str) -> str:
+    """``value`` quoted for Flower's ``key=value`` config strings (TOML, no escapes)."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value and "\\" not in value:
+        return f'"{value}"'
+    raise FedMedError(f"{what} {value!r}: a path with both quote kinds cannot be passed to Flower")
+
+
+def supernode_command(kit: SiteKit, kit_path: str | Path, insecure: bool) -> list[str]:
+    """The ``flower-supernode`` command line for a hospital's kit.
+
+    Its node config names the site and its kit file (absolute): the ClientApp reads the
+    site's policy from that kit, on the hospital's own machine.
+    """
+    kit_file = config_string(str(Path(kit_path).expanduser().resolve()), "site kit")
     command = [
         _binary("flower-supernode"),
         "--superlink", kit.coordinator,
         "--port", str(kit.deployment.runtime_port),
-        "--node-config", f'site="{kit.name}"',
+        "--node-config", f'site="{kit.name}" kit={kit_file}',
     ]  # fmt: skip
     if insecure:
         return [*command, "--insecure"]
@@ -97,11 +125,12 @@ def supernode_command(kit: SiteKit, insecure: bool) -> list[str]:
 
 
 def flwr_environment(kit: ServerKit, insecure: bool) -> dict[str, str]:
-    """A private Flower CLI home whose ``fedmed`` connection points at this SuperLink."""
+    """A private Flower CLI home whose ``fedmed`` connection points at the operator's
+    (loopback) address."""
     home = Path(kit.state) / "flwr-home"
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]"]
-    lines.append(f'address = "{kit.address}"')
+    lines.append(f'address = "{kit.control_address}"')
     if insecure:
         lines.append("insecure = true")
     else:
@@ -117,29 +146,44 @@ def flwr_environment(kit: ServerKit, insecure: bool) -> dict[str, str]:
 def wait_for_port(address: str, timeout: float = 30.0) -> None:
     """Block until something listens on ``host:port``."""
     host, port = address.rsplit(":", 1)
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    host = host.strip("[]")
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            probe.settimeout(0.5)
-            if probe.connect_ex((host, int(port))) == 0:
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
                 return
-        time.sleep(0.2)
+        except OSError:
+            time.sleep(0.2)
     raise FedMedError(f"nothing listens on {address} after {timeout:.0f}s")
 
 
-def register_sites(kit: ServerKit, env: dict[str, str]) -> None:
-    """Register every site's public key with the running SuperLink."""
-    for public_key in kit.site_public_keys:
-        _require(public_key, "site public key")
-        done = subprocess.run(
-            [_binary("flwr"), "supernode", "register", public_key, CONNECTION],
-            env=env, capture_output=True, text=True, check=False, timeout=60,
-        )  # fmt: skip
-        if done.returncode != 0 and "already" not in (done.stdout + done.stderr).lower():
+def check_server_kit(kit: ServerKit) -> None:
+    """What ``fedmed server start`` needs before it starts anything: each site's key, and
+    a certificate the operator's loopback connection can verify."""
+    from fedmed.deploy.superlink import node_public_key
+
+    if not kit.sites:
+        raise FedMedError(
+            "server kit: 'sites' is empty; list each hospital as NAME: path/to/node.pub"
+        )
+    owners: dict[bytes, str] = {}
+    for name, key in kit.sites.items():
+        other = owners.setdefault(node_public_key(name, key), name)
+        if other != name:
             raise FedMedError(
-                f"registering {public_key} failed: {(done.stdout + done.stderr).strip()[-300:]}"
+                f"server kit: sites.{other} and sites.{name} list the same key; each hospital "
+                "has its own node.pub"
             )
+    cert = Path(_require(str(Path(kit.certs) / SERVER_CERT), "coordinator certificate"))
+    host, _ = host_port(kit.control_address, "server kit: control_address")
+    if host not in certificate_names(cert):
+        raise FedMedError(
+            f"coordinator certificate {cert} has no SAN for {host} (server kit: "
+            "control_address, where the operator's tools and the ServerApp connect); "
+            "re-issue it with `fedmed certs server --force --host <hospitals' names> "
+            f"{host}`"
+        )
 
 
 SUPERNODE_RESTART_DELAY_S = 10.0
@@ -167,17 +211,23 @@ def run_foreground(command: list[str], when_up: Callable[[], None] | None = None
 
 
 def server_start(kit_path: str, insecure: bool) -> int:
-    """Run the SuperLink in the foreground; register the sites' keys once it listens."""
+    """Run the SuperLink in the foreground: the server kit's sites are registered (and no
+    other node) before it listens."""
     kit = load_server_kit(kit_path)
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
+    else:
+        check_server_kit(kit)
     Path(kit.state).mkdir(parents=True, exist_ok=True)
 
     def when_up() -> None:
         wait_for_port(kit.address)
-        if not insecure:
-            register_sites(kit, flwr_environment(kit, insecure))
-        print(f"SuperLink running; sites connect to {kit.address}", flush=True)
+        wait_for_port(kit.control_address)
+        print(
+            f"SuperLink running; hospitals connect to {kit.address} (Fleet API only); "
+            f"the operator's API is on {kit.control_address} (this machine only)",
+            flush=True,
+        )
 
     return run_foreground(superlink_command(kit, insecure), when_up)
 
@@ -192,7 +242,7 @@ def site_start(kit_path: str, insecure: bool) -> int:
     kit = load_site_kit(kit_path)
     if insecure:
         print(INSECURE_WARNING, file=sys.stderr, flush=True)
-    command = supernode_command(kit, insecure)
+    command = supernode_command(kit, kit_path, insecure)
     while True:
         code = run_foreground(command)
         print(
@@ -205,13 +255,22 @@ def site_start(kit_path: str, insecure: bool) -> int:
 
 
 def server_run(kit_path: str, overrides: list[str], insecure: bool, run_name: str) -> int:
-    """Submit the federation (``flwr run``) with the Hydra overrides; streams its output."""
+    """Submit the federation (``flwr run``, on the operator's address) with the Hydra
+    overrides and the site registry; streams its output."""
     from fedmed.configure import compose_config
 
     compose_config(overrides)  # one-line config errors before anything is submitted
     kit = load_server_kit(kit_path)
     output_dir = Path(kit.output_dir) / run_name
     run_config = f'overrides="{shlex.join(overrides)}" output-dir="{output_dir}"'
+    if not insecure:
+        registry = registry_path(kit)
+        if not registry.is_file():
+            raise FedMedError(
+                f"site registry {registry}: file not found; start the coordinator first "
+                f"(`fedmed server start --kit {kit_path}`)"
+            )
+        run_config += f" site-registry={config_string(str(registry), 'site registry')}"
     command = [_binary("flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
                run_config]  # fmt: skip
     done = subprocess.run(command, env=flwr_environment(kit, insecure), check=False)

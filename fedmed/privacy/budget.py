@@ -1,10 +1,12 @@
 """A site's lifetime privacy budget, enforced by the site itself against its own ledger.
 
-The site's policy (budget, delta, ledger and key files) comes from its kit, falling back to
-the run's ``privacy`` config. Before each round the site projects the epsilon it would reach
-after that round's steps, counting every entry already in its ledger (earlier rounds and
-earlier runs), and declines when the projection exceeds its budget. Nothing the coordinator
-sends can change that decision.
+The site's policy (budget, delta, accountant, ledger and key files, floors and caps) comes
+from its kit alone (``site_policy``); a simulated site without a kit gets one generated from
+the run (``fedmed.site_policy``). Before each round the site projects the epsilon it would
+reach after that round's steps, counting every entry already in its ledger (earlier rounds
+and earlier runs), and declines when the projection exceeds its budget (or this run's spend
+would exceed the kit's cap for one run). Nothing the coordinator sends can change that
+decision.
 """
 
 from __future__ import annotations
@@ -18,17 +20,17 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 
 from fedmed.config import DpConfig, FedMedConfig
-from fedmed.data import site_kit, site_names
-from fedmed.errors import ConfigError, SiteError
+from fedmed.errors import SiteError
 from fedmed.privacy.accounting import DPSteps, accountant_record, cumulative_epsilon
 from fedmed.privacy.ledger import (
-    GENESIS_HASH,
     LedgerError,
-    append_entry,
+    append_marked,
     ensure_writable,
     load_or_create_signing_key,
-    read_verified,
+    mark_path,
+    open_ledger,
 )
+from fedmed.sitekit import SiteKit
 
 MECHANISM = "dp_sgd_poisson_gaussian"
 LEDGER_SUFFIX = ".ledger.jsonl"
@@ -36,7 +38,11 @@ LEDGER_SUFFIX = ".ledger.jsonl"
 
 @dataclass(frozen=True)
 class SitePolicy:
-    """What one site enforces: its lifetime (epsilon, delta) budget and where it keeps records."""
+    """What one site enforces: its lifetime (epsilon, delta) budget and where it keeps records.
+
+    ``min_noise_multiplier`` and ``max_run_epsilon`` (None: no floor, no cap) bound what one
+    run may ask of the site.
+    """
 
     site: str
     budget_epsilon: float
@@ -44,6 +50,9 @@ class SitePolicy:
     accountant: str
     ledger: Path
     signing_key: Path
+    require_privacy: bool = True
+    min_noise_multiplier: float | None = None
+    max_run_epsilon: float | None = None
 
     @property
     def public_key(self) -> Path:
@@ -56,44 +65,37 @@ def dp_config(cfg: FedMedConfig) -> DpConfig | None:
     return cfg.privacy if isinstance(cfg.privacy, DpConfig) else None
 
 
-def site_policy(
-    cfg: FedMedConfig, index: int, run_ledger_dir: Path, use_kit_ledger: bool
-) -> SitePolicy:
-    """The policy of site ``index``: its kit's values first, then the run's ``privacy`` config.
+def site_policy(kit: SiteKit) -> SitePolicy:
+    """The privacy policy a site enforces, from its kit alone (never from the run's config).
 
-    Ledger location: ``privacy.ledger_dir`` when set (budgets persist across runs), else the
-    kit's ledger when ``use_kit_ledger`` (deployment), else ``run_ledger_dir`` (simulation).
+    A simulated site's kit already points its ledger into the run (``fedmed.site_policy``).
     """
-    dp = dp_config(cfg)
-    assert dp is not None, "site_policy is only used with privacy=dp"
-    name = site_names(cfg)[index]
-    kit = site_kit(cfg, index)
-    kit_privacy = kit.privacy if kit is not None else None
-    budget = (
-        (kit_privacy.budget_epsilon if kit_privacy else None)
-        or dp.budget_epsilon
-        or dp.target_epsilon
-    )
-    if budget is None:
-        raise ConfigError(
-            "privacy.budget_epsilon",
-            None,
-            f"a number > 0: site '{name}' has no lifetime budget in its kit, and "
-            "privacy.noise_multiplier is explicit (no target_epsilon to fall back on)",
+    p = kit.privacy
+    if p.budget_epsilon is None:
+        raise SiteError(
+            kit.name,
+            "refuses the run: its kit states no lifetime budget; set privacy.budget_epsilon "
+            "in the site's kit",
         )
-    delta = (kit_privacy.delta if kit_privacy else None) or dp.delta
-    if dp.ledger_dir is not None:
-        ledger = Path(dp.ledger_dir).expanduser().resolve() / f"{name}{LEDGER_SUFFIX}"
-    elif use_kit_ledger and kit_privacy and kit_privacy.ledger:
-        ledger = Path(kit_privacy.ledger)
-    else:
-        ledger = run_ledger_dir / f"{name}{LEDGER_SUFFIX}"
-    key = (
-        Path(kit_privacy.signing_key)
-        if use_kit_ledger and kit_privacy and kit_privacy.signing_key
-        else ledger.with_suffix(".key")
+    if p.ledger is None:
+        raise SiteError(
+            kit.name,
+            "refuses the run: its kit names no privacy ledger; set privacy.ledger in the "
+            "site's kit",
+        )
+    ledger = Path(p.ledger)
+    key = Path(p.signing_key) if p.signing_key else ledger.with_suffix(".key")
+    return SitePolicy(
+        kit.name,
+        float(p.budget_epsilon),
+        float(p.delta),
+        p.accountant.value,
+        ledger,
+        key,
+        p.require_privacy,
+        p.min_noise_multiplier,
+        p.max_run_epsilon,
     )
-    return SitePolicy(name, float(budget), float(delta), dp.accountant.value, ledger, key)
 
 
 def check_delta(site: str, delta: float, dataset_size: int) -> None:
@@ -120,29 +122,56 @@ class RoundDecision:
     reason: str = ""
 
 
-def decide(spent: Sequence[DPSteps], planned: DPSteps, policy: SitePolicy) -> RoundDecision:
-    """Train only if the epsilon after ``planned`` stays within the site's lifetime budget."""
+def decide(
+    spent: Sequence[DPSteps],
+    planned: DPSteps,
+    policy: SitePolicy,
+    run_spent: Sequence[DPSteps] = (),
+) -> RoundDecision:
+    """Train only if the epsilon after ``planned`` stays within the site's lifetime budget,
+    and, when the kit caps one run, this run's own epsilon (``run_spent``: the entries of
+    this run, a subset of ``spent``) within ``max_run_epsilon``."""
     after = cumulative_epsilon([*spent, planned], policy.delta, policy.accountant)
-    if after <= policy.budget_epsilon:
-        return RoundDecision(True, after)
-    now = cumulative_epsilon(spent, policy.delta, policy.accountant)
-    return RoundDecision(
-        False,
-        now,
-        f"privacy budget: this round would take epsilon from {now:.4f} to {after:.4f}, "
-        f"above the site's lifetime budget {policy.budget_epsilon:g} (delta={policy.delta:g})",
-    )
+    if after > policy.budget_epsilon:
+        now = cumulative_epsilon(spent, policy.delta, policy.accountant)
+        return RoundDecision(
+            False,
+            now,
+            f"privacy budget: this round would take epsilon from {now:.4f} to {after:.4f}, "
+            f"above the site's lifetime budget {policy.budget_epsilon:g} "
+            f"(delta={policy.delta:g})",
+        )
+    cap = policy.max_run_epsilon
+    if cap is not None:
+        run_after = cumulative_epsilon([*run_spent, planned], policy.delta, policy.accountant)
+        if run_after > cap:
+            run_now = cumulative_epsilon(run_spent, policy.delta, policy.accountant)
+            return RoundDecision(
+                False,
+                cumulative_epsilon(spent, policy.delta, policy.accountant),
+                f"run cap: this round would take this run's epsilon from {run_now:.4f} to "
+                f"{run_after:.4f}, above what the site's kit lets one run spend "
+                f"(privacy.max_run_epsilon: {cap:g}, delta={policy.delta:g})",
+            )
+    return RoundDecision(True, after)
 
 
 class PrivacyAccount:
-    """One site's verified ledger, signing key and budget; the only way to spend privacy."""
+    """One site's verified ledger, signing key and budget; the only way to spend privacy.
+
+    Opening it refuses, before any training, a ledger that is missing, shorter than the
+    site's signed high-water mark (``<signing key>.mark``) or has another head
+    (``fedmed.privacy.ledger.open_ledger``); every entry then moves the mark.
+    """
 
     def __init__(self, policy: SitePolicy) -> None:
         self.policy = policy
         ensure_writable(policy.ledger)
         self._key = load_or_create_signing_key(policy.signing_key, policy.public_key)
         self._check_public_key()
-        self.entries = read_verified(policy.ledger, self._key.public_key())
+        self.mark = mark_path(policy.signing_key)
+        ensure_writable(self.mark)
+        self.entries = open_ledger(policy.ledger, self.mark, self._key, policy.site)
 
     def _check_public_key(self) -> None:
         published = serialization.load_pem_public_key(self.policy.public_key.read_bytes())
@@ -167,9 +196,15 @@ class PrivacyAccount:
         records = self.spent() + ([planned] if planned is not None else [])
         return cumulative_epsilon(records, self.policy.delta, self.policy.accountant)
 
-    def decide(self, planned: DPSteps) -> RoundDecision:
-        """Train only if the epsilon after this round stays within the lifetime budget."""
-        return decide(self.spent(), planned, self.policy)
+    def decide(self, planned: DPSteps, run_id: str | None = None) -> RoundDecision:
+        """Train only if the epsilon after this round stays within the lifetime budget (and
+        run ``run_id``'s own epsilon within the kit's cap for one run)."""
+        run_spent = [
+            DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+            for e in self.entries
+            if run_id is not None and e.get("run_id") == run_id
+        ]
+        return decide(self.spent(), planned, self.policy, run_spent)
 
     def record(
         self,
@@ -202,8 +237,7 @@ class PrivacyAccount:
             "config_hash": config_hash,
             "code_version": code_version,
         }
-        prev = self.entries[-1]["hash"] if self.entries else GENESIS_HASH
-        entry = append_entry(self.policy.ledger, fields, self._key, prev)
+        entry = append_marked(self.policy.ledger, self.mark, fields, self._key, self.entries)
         self.entries.append(entry)
         return entry
 

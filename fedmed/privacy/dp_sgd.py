@@ -69,10 +69,12 @@ def calibrated_noise(
     rounds: int,
     accountant: str,
 ) -> float:
-    """Noise reaching ``target_epsilon`` after every planned round; computed once per process."""
+    """Noise whose planned ``rounds`` (each the Poisson loader's steps of one round, as the
+    budget check records them) reach at most ``target_epsilon``; computed once per process
+    (a deployed site reads it back from its ledger in later rounds)."""
     plan = poisson_plan(num_records, batch_size, epochs, sigma=0.0)
     return calibrate_noise_multiplier(
-        target_epsilon, delta, plan.sample_rate, plan.steps * rounds, accountant
+        target_epsilon, delta, plan.sample_rate, plan.steps, accountant, rounds=rounds
     )
 
 

@@ -5,14 +5,30 @@ canonical JSON of every other field) and ``signature`` (Ed25519 over that hash, 
 key). Any edit, deletion, reordering, insertion or truncation breaks the chain or a signature,
 and ``read_verified`` names the first line that is wrong. The schema only grows: fields are
 added, never renamed or given a new meaning.
+
+A chain cannot show that lines are missing at its end, or that the whole file is gone. So the
+site also keeps a signed high-water mark (entry count and head hash) outside the ledger file,
+beside its signing key (``<signing key>.mark``: in a deployed kit the key lives in another
+folder than the ledger, so wiping or restoring the ledger folder leaves the mark). The mark is
+rewritten, durably and atomically, after every entry. Before a site trains, ``open_ledger``
+refuses a ledger that is missing, shorter than its mark, or has another entry where the mark's
+head should be. The mark may lag the ledger (a crash between the entry's fsync and the mark's):
+the ledger then extends the marked chain, its extra entries verify like every other line, and
+the mark is rolled forward. A ledger from before marks existed gets one from its verified
+content. The mark protects against accidents and against anyone who can reach the ledger but
+not the key folder; the coordinator's signed receipts (``fedmed.coordinator.receipts``) cover
+the rest.
 """
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
+import logging
 import os
 import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +41,10 @@ from fedmed.keyfiles import write_private, write_public
 
 GENESIS_HASH = "0" * 64
 SIGNED_FIELDS_EXCLUDED = ("hash", "signature")
+MARK_SUFFIX = ".mark"
+MARK_FORMAT = "fedmed-ledger-mark/1"
+MARK_RESTORE = "restore it from the site's backup (it is checked against the ledger)"
+log = logging.getLogger("fedmed.ledger")
 
 
 class LedgerError(FedMedError):
@@ -185,4 +205,189 @@ def append_entry(
     except OSError as exc:
         _roll_back(path, size_before)
         raise LedgerError(path, None, f"cannot write the entry ({exc.strerror})") from None
+    return entry
+
+
+# ---------------------------------------------------------------------- high-water mark
+def mark_path(signing_key: Path) -> Path:
+    """Where a site keeps its ledger's high-water mark: beside its signing key."""
+    return signing_key.with_suffix(MARK_SUFFIX)
+
+
+@dataclass(frozen=True)
+class HighWaterMark:
+    """How far the site's ledger reached when the site last wrote it (signed by the site)."""
+
+    site: str
+    ledger: str  # the ledger file the mark was written for (informational)
+    entries: int
+    head: str  # hash of entry number ``entries`` (GENESIS_HASH for none)
+    timestamp: str
+
+
+def _mark_body(mark: HighWaterMark) -> bytes:
+    body = {"format": MARK_FORMAT, **asdict(mark)}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def write_mark(path: Path, key: Ed25519PrivateKey, mark: HighWaterMark) -> None:
+    """Durably replace the mark: written to a temporary file, fsync'ed, renamed, folder fsync'ed.
+
+    A crash leaves either the old mark or the new one, never half of one.
+    """
+    body = _mark_body(mark)
+    signed = {**json.loads(body), "signature": key.sign(body).hex()}
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with temporary.open("w", encoding="utf-8") as handle:
+            handle.write(json.dumps(signed, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise LedgerError(
+            path, None, f"cannot write the ledger's high-water mark ({exc.strerror})"
+        ) from None
+
+
+def _fsync_folder(folder: Path) -> None:
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def read_mark(path: Path, public_key: Ed25519PublicKey) -> HighWaterMark | None:
+    """The verified mark, or None when there is none; LedgerError when it is not the site's."""
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        mark = HighWaterMark(
+            site=str(data["site"]),
+            ledger=str(data["ledger"]),
+            entries=int(data["entries"]),
+            head=str(data["head"]),
+            timestamp=str(data["timestamp"]),
+        )
+        signature = bytes.fromhex(data["signature"])
+        valid_format = data.get("format") == MARK_FORMAT and mark.entries >= 0
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise LedgerError(
+            path, None, f"high-water mark is unreadable (damaged); {MARK_RESTORE}"
+        ) from None
+    try:
+        public_key.verify(signature, _mark_body(mark))
+    except InvalidSignature:
+        valid_format = False
+    if not valid_format:
+        raise LedgerError(
+            path, None, f"high-water mark is not signed by this site's key (edited); {MARK_RESTORE}"
+        )
+    return mark
+
+
+def mark_problem(
+    ledger: Path, mark: HighWaterMark, entries: list[dict[str, Any]], mark_file: Path | None = None
+) -> str | None:
+    """What is wrong with a verified ledger against its mark; None when it holds the mark.
+
+    The rule: entry number ``mark.entries`` exists and has hash ``mark.head``. Entries after it
+    are allowed (the mark lags after a crash between the entry and the mark); they verified
+    with the rest of the chain.
+    """
+    head = f"{mark.head[:16]}..."
+    where = f" ({mark_file})" if mark_file is not None else ""
+    restore = (
+        f"restore the ledger from the site's backup (a copy whose entry {mark.entries} has "
+        f"hash {head}); nothing trains until then"
+    )
+    if not entries and mark.entries > 0:
+        state = "is missing" if not ledger.exists() else "is empty"
+        return (
+            f"{state}, but the site's high-water mark{where} records {mark.entries} entries: "
+            f"it was deleted or replaced; {restore} (a site never starts a new ledger over "
+            "its recorded spend)"
+        )
+    if len(entries) < mark.entries:
+        return (
+            f"holds {len(entries)} entries, but the site's high-water mark{where} records "
+            f"{mark.entries}: the last {mark.entries - len(entries)} were cut off, or an older "
+            f"copy was put back; {restore}"
+        )
+    found = entries[mark.entries - 1]["hash"] if mark.entries else GENESIS_HASH
+    if found != mark.head:
+        return (
+            f"entry {mark.entries} has hash {found[:16]}..., but the site's high-water "
+            f"mark{where} records {head}: this is not the ledger the site wrote; {restore}"
+        )
+    return None
+
+
+def _mark_of(site: str, ledger: Path, entries: list[dict[str, Any]]) -> HighWaterMark:
+    return HighWaterMark(
+        site=site,
+        ledger=str(ledger),
+        entries=len(entries),
+        head=entries[-1]["hash"] if entries else GENESIS_HASH,
+        timestamp=datetime.datetime.now(datetime.UTC).isoformat(),
+    )
+
+
+def open_ledger(
+    ledger: Path, mark_file: Path, key: Ed25519PrivateKey, site: str
+) -> list[dict[str, Any]]:
+    """The site's verified entries, after checking the ledger against its high-water mark.
+
+    Refuses (LedgerError, with how to restore) a missing, shorter or replaced ledger. Rolls
+    a lagging mark forward, and creates the mark of a ledger written before marks existed.
+    """
+    public_key = key.public_key()
+    entries = read_verified(ledger, public_key)
+    mark = read_mark(mark_file, public_key)
+    if mark is None:
+        if entries:
+            log.warning(
+                "privacy ledger %s: no high-water mark yet (written before fedmed kept one); "
+                "creating %s from its %d verified entries",
+                ledger,
+                mark_file,
+                len(entries),
+            )
+            write_mark(mark_file, key, _mark_of(site, ledger, entries))
+        return entries
+    problem = mark_problem(ledger, mark, entries, mark_file)
+    if problem is not None:
+        raise LedgerError(ledger, None, problem)
+    if len(entries) > mark.entries:
+        log.warning(
+            "privacy ledger %s: %d verified entr%s after the high-water mark (%s was not "
+            "updated, e.g. a crash right after an entry); rolling the mark forward",
+            ledger,
+            len(entries) - mark.entries,
+            "y" if len(entries) - mark.entries == 1 else "ies",
+            mark_file,
+        )
+        write_mark(mark_file, key, _mark_of(site, ledger, entries))
+    return entries
+
+
+def append_marked(
+    ledger: Path,
+    mark_file: Path,
+    fields: dict[str, Any],
+    key: Ed25519PrivateKey,
+    entries: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """Append one entry after ``entries`` (the ledger as verified), then move the mark to it.
+
+    The entry is durable before the mark is written; a crash between the two leaves a mark
+    one entry behind, which ``open_ledger`` accepts and rolls forward.
+    """
+    prev = entries[-1]["hash"] if entries else GENESIS_HASH
+    entry = append_entry(ledger, fields, key, prev)
+    write_mark(mark_file, key, _mark_of(str(fields.get("site", "")), ledger, [*entries, entry]))
     return entry

@@ -1,6 +1,10 @@
-"""The site side of secure aggregation: a Flower mod in front of ``secaggplus_mod``.
+"""The site's gate: a Flower mod in front of the site and of ``secaggplus_mod``.
 
-Every training request passes through it. A SecAgg+ request goes on to Flower's
+Every message passes through it. First the site identifies itself, which checks the run
+against the site's kit (``fedmed.site_policy.check_run``): a run that changes anything the
+kit owns is refused at its earliest message (a plain training request, the SecAgg+ setup
+stage, an evaluation), before anything is trained or recorded, and the refusal names the
+site. Then, for training requests: a SecAgg+ request goes on to Flower's
 ``secaggplus_mod``, after the gate has noted the protocol's range settings so the site can
 check its update against them before masking (SecAgg+ would clip silently). A plain request
 is refused when the site's kit requires secure aggregation. Replies carry the site's name so
@@ -72,14 +76,15 @@ class SiteIdentity:
 
 
 def make_secure_aggregation_mod(identify: Callable[[Context], SiteIdentity]) -> Mod:
-    """The gate; ``identify`` says which site this ClientApp serves in a given context."""
+    """The gate; ``identify`` says which site this ClientApp serves in a given context, and
+    raises the site's SiteError when the site refuses the run."""
 
     def secure_aggregation_mod(
         msg: Message, ctxt: Context, call_next: ClientAppCallable
     ) -> Message:
+        site = identify(ctxt)  # every message: a refused run gets nothing from the site
         if msg.metadata.message_type != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        site = identify(ctxt)
         server_round = int(msg.metadata.group_id or 0)
         configs = msg.content.config_records.get(RECORD_KEY_CONFIGS)
         if configs is None:

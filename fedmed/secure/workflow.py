@@ -8,9 +8,10 @@ stops the run when fewer than ``federation.min_sites`` sites remain.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
+from flwr.common import Message
 from flwr.server import Grid, LegacyContext
 from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
@@ -25,15 +26,29 @@ from fedmed.secure.params import SecAggParams
 Stage = Callable[[Grid, LegacyContext, WorkflowState], bool]
 
 
-def _once_each(stage: str, failures: list[Exception]) -> list[BaseException | Any]:
-    """Flower 1.41 appends every error of the collect_masked_vectors stage twice (once while
-    summing the masked vectors, once while building the legacy results); keep one of each."""
-    half = len(failures) // 2
-    texts = [str(f) for f in failures]
-    kept = len(failures)
-    if stage == "collect_masked_vectors" and half and texts[:half] == texts[half:]:
-        kept = half
-    return [failure for failure in failures[:kept]]
+class _StageGrid:
+    """The grid as one SecAgg+ stage sees it: error replies are kept back and recorded here.
+
+    Flower 1.41 turns an error reply into a bare ``Exception`` in ``state.failures``: twice
+    at collect_masked_vectors, and at unmask it also hands them to ``aggregate_fit``, which
+    would record them a second time as "fit" failures. Flower treats an error reply exactly
+    like no reply (the node leaves ``active_node_ids`` either way), so holding them back
+    changes nothing in the protocol and lets each failure be recorded once, in its stage.
+    """
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.errors: list[Message] = []
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(self._grid, attr)
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> list[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        self.errors += [reply for reply in replies if reply.has_error()]
+        return [reply for reply in replies if not reply.has_error()]
 
 
 class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
@@ -88,7 +103,8 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
         state: WorkflowState,
     ) -> bool:
         before = set(state.active_node_ids)
-        ok = run_stage(grid, context, state)
+        stage_grid = _StageGrid(grid)
+        ok = run_stage(stage_grid, context, state)  # type: ignore[arg-type]
         if stage == "setup":
             before = set(state.sampled_node_ids)
         if stage in ("setup", "share_keys"):
@@ -96,8 +112,10 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
             # 1.41 would still ask the others for its shares at unmask (and fail on them).
             state.sampled_node_ids &= state.active_node_ids
         server_round = self._current_round(context)
-        self.recorder.record_failures(server_round, stage, _once_each(stage, state.failures))
-        state.failures.clear()  # recorded here, with their stage; not again in aggregate_fit
+        # Named by the grid (the site's own SiteError, else the node the reply answers for).
+        failures = [Exception(reply.error) for reply in stage_grid.errors]  # as Flower does
+        self.recorder.record_failures(server_round, stage, [*failures, *state.failures])
+        state.failures.clear()
         for node in sorted(before - set(state.active_node_ids)):
             self.recorder.record_dropout(server_round, self._name(node), stage)
         self._survivors = len(state.active_node_ids)
