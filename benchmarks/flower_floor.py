@@ -28,11 +28,11 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import ServerApp
 from flwr.simulation import run_simulation
 
-from fedmed.configure import compose_config
 from fedmed.coordinator.grid import SIMULATION_REPLY_POLL_S
 from fedmed.data import data_schema, num_sites
 from fedmed.models import build_model
-from fedmed.simulation import BACKEND_CONFIG, prepare_engine
+from fedmed.runs.compose import compose_config
+from fedmed.runs.ray_engine import backend_config, cluster_address, prepare_engine
 from fedmed.train import get_weights
 
 
@@ -97,7 +97,7 @@ def main() -> None:
         server_app=server_app,
         client_app=ClientApp(client_fn=echo_site),
         num_supernodes=sites,
-        backend_config=BACKEND_CONFIG,
+        backend_config=backend_config(cfg.engine, cluster_address(cfg.engine)),
     )
     if len(strategy.round_seconds) != cfg.federation.rounds:
         raise SystemExit(f"only {len(strategy.round_seconds)} rounds completed")

@@ -46,18 +46,19 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
 
     ``account``: also compute each site's epsilon after the round, as its budget check does.
     """
-    from fedmed.configure import compose_config
     from fedmed.data import load_site, num_sites
     from fedmed.models import build_loss, build_model
     from fedmed.privacy.accounting import cumulative_epsilon
     from fedmed.privacy.budget import dp_config, site_policy
     from fedmed.privacy.dp_sgd import DpSgdSettings, calibrated_noise, poisson_plan, train_private
-    from fedmed.site_policy import SiteRuntime, site_setup
+    from fedmed.runs.compose import compose_config
+    from fedmed.site.policy import SiteRuntime, site_setup
     from fedmed.train import (
         TrainSettings,
         evaluate,
         get_weights,
         make_loader,
+        round_seed,
         set_weights,
         train_local,
     )
@@ -84,7 +85,7 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
             set_weights(model, global_weights)
             n = len(site.y_train)
             if dp is None:
-                seed = cfg.seed * 100_003 + server_round
+                seed = round_seed(cfg.seed, server_round)
                 loader = make_loader(site.x_train, site.y_train, settings.batch_size, seed)
                 train_local(model, loss_fn, loader, settings)
             else:

@@ -99,44 +99,38 @@ def sweep(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dic
 
 
 def plot_sweep(rows: dict[str, Any], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from fedmed.plots import chart
 
     levels = [lv for lv in SWEEP_EPSILON if lv in rows]
     xs = [SWEEP_EPSILON[lv] for lv in levels]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for metric, marker in (("accuracy", "o"), ("auc", "s")):
-        ys = [rows[lv][metric]["mean"] for lv in levels]
-        err = [rows[lv][metric]["sd"] for lv in levels]
-        line = ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=metric)
-        if "none" in rows:
-            ax.axhline(
-                rows["none"][metric]["mean"],
-                linestyle="--",
-                color=line[0].get_color(),
-                label=f"{metric}, no DP",
-            )
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel("target epsilon per site (delta = 1e-3)")
-    ax.set_ylabel("global test metric")
-    ax.set_title("heart disease, svm, 4 hospitals: utility vs epsilon")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with chart(
+        path,
+        xlabel="target epsilon per site (delta = 1e-3)",
+        ylabel="global test metric",
+        title="heart disease, svm, 4 hospitals: utility vs epsilon",
+    ) as ax:
+        for metric, marker in (("accuracy", "o"), ("auc", "s")):
+            ys = [rows[lv][metric]["mean"] for lv in levels]
+            err = [rows[lv][metric]["sd"] for lv in levels]
+            line = ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=metric)
+            if "none" in rows:
+                ax.axhline(
+                    rows["none"][metric]["mean"],
+                    linestyle="--",
+                    color=line[0].get_color(),
+                    label=f"{metric}, no DP",
+                )
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
 
 
 def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, Any]:
     """Median epoch time of plain SGD and DP-SGD at one site, alternating, in every per-sample
     gradient mode Opacus offers (ghost clipping, hooks, ExpandedWeights, functorch)."""
-    from fedmed.configure import compose_config
     from fedmed.data import load_site
     from fedmed.models import build_loss, build_model
     from fedmed.privacy.dp_sgd import DpSgdSettings, make_private_training
+    from fedmed.runs.compose import compose_config
     from fedmed.train import TrainSettings, make_loader, train_local
 
     cfg = compose_config(overrides)

@@ -62,10 +62,10 @@ def accuracy(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any
 
 def _real_cnn_deltas(private: bool, quick: bool) -> tuple[list[list[np.ndarray]], list[int]]:
     """One round of local training at each of 4 pneumonia sites, from the initial model."""
-    from fedmed.configure import compose_config
     from fedmed.data import load_site
     from fedmed.models import build_model
-    from fedmed.site import HospitalSite, SiteRuntime
+    from fedmed.runs.compose import compose_config
+    from fedmed.site.client import HospitalSite, SiteRuntime
     from fedmed.train import get_weights
 
     overrides = [*PNEUMONIA, "federation.num_sites=4"]

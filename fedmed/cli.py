@@ -9,8 +9,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from fedmed.configure import compose_config, config_dir, first_of_each_sweep, to_typed
+from fedmed.config.compose import config_dir, config_dir_as_searchpath, first_of_each_sweep
 from fedmed.errors import FedMedError
+from fedmed.runs.compose import compose_config, to_typed
+from fedmed.terminal import show_on_terminal
 
 USAGE = """usage: fedmed COMMAND [hydra overrides] [--multirun]
 
@@ -25,7 +27,8 @@ commands:
   site       start a hospital's SuperNode from its kit (fedmed site start sites/NAME.yaml)
 
 Overrides follow Hydra: key=value, group=option, --multirun with comma-separated sweeps,
-hydra.run.dir=DIR for the output folder. Config files: conf/ (or $FEDMED_CONFIG_DIR).
+hydra.run.dir=DIR for the output folder. Config files: the conf/ tree installed with
+fedmed; $FEDMED_CONFIG_DIR=DIR uses your own tree instead, --config-dir DIR adds options from DIR.
 """
 
 _exit_codes: list[int] = []
@@ -51,7 +54,7 @@ def _run_task(task: Callable[[Any, Path], int]) -> Callable[[DictConfig], None]:
 
 def _simulate(cfg: Any, output_dir: Path) -> int:
     from fedmed.coordinator.recorder import CLEAN_STATUSES
-    from fedmed.simulation import simulate
+    from fedmed.runs.simulation import simulate
 
     summary = simulate(cfg, output_dir)
     print_summary(summary, output_dir)
@@ -59,7 +62,7 @@ def _simulate(cfg: Any, output_dir: Path) -> int:
 
 
 def _baseline(cfg: Any, output_dir: Path) -> int:
-    from fedmed.baseline import run_baseline
+    from fedmed.runs.baseline import run_baseline
 
     summary = run_baseline(cfg, output_dir)
     print_summary(summary, output_dir)
@@ -186,13 +189,14 @@ def run_hydra_command(
 
     config_name, default_task = COMMANDS[command]
     task = task or default_task
+    args = config_dir_as_searchpath(args)
     overrides = [a for a in args if not a.startswith("-")]
     if not any(
         a in ("--help", "-h", "--hydra-help", "--info") or a.startswith("--cfg") for a in args
     ):
         multirun = any(a in ("--multirun", "-m") for a in args)
         compose_config(first_of_each_sweep(overrides, multirun), config_name)
-    from fedmed.config import register_schemas
+    from fedmed.config.schema import register_schemas
 
     register_schemas()
     _exit_codes.clear()
@@ -228,7 +232,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def console() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the library's log lines are shown as they are, INFO on
+    stdout, warnings and errors on stderr (``main`` alone, called in-process, leaves logging
+    to the caller)."""
+    show_on_terminal()
     sys.exit(main())
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# A site's refusal of a run starts with this (after its name); the coordinator counts them.
+REFUSES = "refuses the run"
+
 
 class FedMedError(Exception):
     """Base class for user-facing errors; the CLI prints them as one line, without a traceback."""

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
 
 # Recent configs by identity (kept alive, so an id is never reused while cached): a simulated
 # site hashes the run's one config object for every message, and OmegaConf takes ~20 ms.
@@ -44,30 +44,45 @@ def _config_digest(cfg: FedMedConfig) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 
+def installed_version() -> str:
+    """The installed distribution's version (``unknown`` when fedmed runs uninstalled, e.g.
+    from a source folder on ``PYTHONPATH``)."""
+    # The distribution's metadata, not a constant in the code: it is what pip installed.
+    try:
+        return importlib.metadata.version("fedmed")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def source_checkout() -> Path | None:
+    """The git checkout this code runs from (an editable install), or None (a wheel)."""
+    root = Path(__file__).resolve().parents[1]
+    is_checkout = (root / ".git").exists() and (root / "pyproject.toml").is_file()
+    return root if is_checkout else None
+
+
 @functools.cache
 def code_version() -> str:
-    """``fedmed <version>``, plus the git commit (``+dirty`` if modified) in a checkout."""
-    # The installed distribution's version: under `flwr run` the package ``fedmed`` can be
-    # a namespace spanning the Flower App bundle, whose __init__ is not executed.
-    version = importlib.metadata.version("fedmed")
-    checkout = Path(__file__).resolve().parents[1]
-    if not (checkout / ".git").exists():
-        return f"fedmed {version}"
+    """``fedmed <version> (git <commit>[+dirty])`` in a checkout, ``fedmed <version>
+    (installed package)`` from a wheel."""
+    version = installed_version()
+    checkout = source_checkout()
+    if checkout is None:
+        return f"fedmed {version} (installed package)"
     try:
-        commit = subprocess.run(
-            ["git", "-C", str(checkout), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(checkout), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        commit = _git(checkout, "rev-parse", "--short=12", "HEAD")
+        dirty = _git(checkout, "status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return f"fedmed {version}"
+        return f"fedmed {version} (checkout; git could not tell the commit)"
     return f"fedmed {version} (git {commit}{'+dirty' if dirty else ''})"
+
+
+def _git(checkout: Path, *args: str) -> str:
+    """What ``git ARGS`` prints in ``checkout``, stripped; raises when git fails."""
+    return subprocess.run(
+        ["git", "-C", str(checkout), *args],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=True,
+    ).stdout.strip()

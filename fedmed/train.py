@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
 from fedmed.metrics import EvalStats, margin_histogram
 
 
@@ -34,6 +34,21 @@ class TrainSettings:
             weight_decay=cfg.model.weight_decay,
             proximal_mu=cfg.strategy.proximal_mu,
         )
+
+    def sgd(self, model: nn.Module) -> torch.optim.SGD:
+        """The optimizer of every local training: plain, and DP-SGD (Opacus wraps this one)."""
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=self.lr,
+            momentum=self.momentum,
+            weight_decay=self.weight_decay,
+        )
+
+
+def round_seed(seed: int, server_round: int) -> int:
+    """The batch-shuffling seed of one round's plain local training, from the run's seed: a
+    federated site and the baselines draw the same batch order in the same round."""
+    return seed * 100_003 + server_round
 
 
 def get_weights(model: nn.Module) -> list[np.ndarray]:
@@ -87,12 +102,7 @@ def train_local(
     """
     model.train()
     if optimizer is None:
-        optimizer = torch.optim.SGD(
-            model.parameters(),
-            lr=settings.lr,
-            momentum=settings.momentum,
-            weight_decay=settings.weight_decay,
-        )
+        optimizer = settings.sgd(model)
     anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
     epoch_loss, steps = 0.0, 0
     for _ in range(settings.epochs):

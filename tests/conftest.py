@@ -10,9 +10,10 @@ from typing import Any
 import pytest
 import yaml
 
-from fedmed.config import FedMedConfig
-from fedmed.configure import compose_config
+from fedmed.config.schema import FedMedConfig
 from fedmed.data import resolve_path
+from fedmed.runs.compose import compose_config
+from tests.ordering import order_by_cost
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEART_FILES = {
@@ -73,24 +74,5 @@ def kit_copy(tmp_path: Path) -> Callable[..., Path]:
     return _copy
 
 
-# The end-to-end files, longest first. `make test` runs `pytest -n 2 --dist loadfile
-# --no-loadscope-reorder`: each file runs whole on one worker (module fixtures are shared),
-# in this order, so the longest start early and both workers stay busy to the end.
-LONGEST_FIRST = (
-    "test_deployment_e2e.py",
-    "test_audit_e2e.py",
-    "test_secagg_e2e.py",
-    "test_privacy_e2e.py",
-    "test_site_policy_e2e.py",
-    "test_resume_e2e.py",
-    "test_simulation_e2e.py",
-    "test_flwr_run.py",
-)
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    def rank(item: pytest.Item) -> int:
-        name = item.path.name
-        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
-
-    items.sort(key=rank)  # stable: the order within a file is kept
+    order_by_cost(items)  # costliest files first, each by its own pytest.mark.cost

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from pathlib import Path
 
 from fedmed.audit.receipts import check_receipts, receipts_in
 from fedmed.audit.report import find_sources, write_report
 from fedmed.audit.verify import PublicKeys, ledger_paths, result_json, result_table, verify_all
 from fedmed.errors import FedMedError
+
+log = logging.getLogger(__name__)
 
 
 def public_keys(values: list[str] | None) -> PublicKeys:
@@ -38,12 +40,12 @@ def _verify(args: argparse.Namespace) -> int:
     every_site = any(Path(p).is_dir() for p in args.ledgers)
     books = check_receipts(audits, receipts, _paths(args.receipts_key), every_site)
     if args.json == "-":
-        print(result_json(audits, books))
+        log.info(result_json(audits, books))
     else:
-        print(result_table(audits, books))
+        log.info(result_table(audits, books))
         if args.json:
             Path(args.json).write_text(result_json(audits, books) + "\n")
-            print(f"JSON result: {args.json}")
+            log.info(f"JSON result: {args.json}")
     return 0 if all(a.ok for a in audits) and all(b.ok for b in books) else 1
 
 
@@ -56,7 +58,8 @@ def _report(args: argparse.Namespace) -> int:
         receipts_keys=_paths(args.receipts_key),
     )
     md_path, html_path, ok = write_report(sources)
-    print(f"privacy statement: {md_path} and {html_path} (verification {'PASS' if ok else 'FAIL'})")
+    verdict = "PASS" if ok else "FAIL"
+    log.info(f"privacy statement: {md_path} and {html_path} (verification {verdict})")
     return 0 if ok else 1
 
 
@@ -110,6 +113,5 @@ def audit_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     handlers = {"verify": _verify, "report": _report}
     if args.command not in handlers:  # empirical is routed to Hydra before parsing
-        print("fedmed audit empirical takes Hydra overrides", file=sys.stderr)
-        return 2
+        raise FedMedError("fedmed audit empirical takes Hydra overrides")
     return handlers[args.command](args)

@@ -1,6 +1,6 @@
 """``fedmed dry-run``: which sites would decline which rounds, before anyone trains.
 
-For each site: its policy from its kit exactly as the site derives it (``fedmed.site_policy``:
+For each site: its policy from its kit exactly as the site derives it (``fedmed.site.policy``:
 a simulated site without a kit gets the generated one), whether it would refuse the run, its
 training-record count (the only thing read from its data), the noise the site would use
 (explicit, or calibrated exactly as the site calibrates it), the steps per round of its
@@ -13,10 +13,11 @@ sampled every round (the worst case for budgets).
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config import FedMedConfig, sites_per_round
+from fedmed.config.schema import FedMedConfig, sites_per_round
 from fedmed.data import load_site, num_sites, site_kit
 from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
@@ -26,11 +27,14 @@ from fedmed.privacy.ledger import (
     load_public_key,
     mark_path,
     mark_problem,
+    parse_entries,
     read_mark,
     read_verified,
 )
-from fedmed.site_policy import SiteRuntime, SiteSetup, check_noise, check_run, site_setup
+from fedmed.site.policy import SiteRuntime, SiteSetup, check_noise, check_run, site_setup
 from fedmed.train import TrainSettings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -68,10 +72,7 @@ def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[DPSteps]:
     problem = mark_problem(ledger, mark, entries, mark_file) if mark is not None else None
     if mark is not None and problem is not None:
         raise SiteError(mark.site, f"ledger {ledger} {problem}")
-    return [
-        DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-        for e in entries
-    ]
+    return [e.dp_steps for e in parse_entries(ledger, entries)]
 
 
 def _setup(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -> SiteSetup:
@@ -210,7 +211,7 @@ def dry_run(cfg: FedMedConfig, output_dir: Path, deployed: bool) -> int:
     if dp_config(cfg) is None:
         raise FedMedError("dry-run projects privacy budgets: set privacy=dp")
     projections = [project_site(cfg, i, output_dir, deployed) for i in range(num_sites(cfg))]
-    print(format_projection(projections, cfg))
+    log.info(format_projection(projections, cfg))
     end = run_ends_at(projections, cfg)
     (output_dir / "dry_run.json").write_text(
         json.dumps({"stops_at_round": end, "sites": [asdict(p) for p in projections]}, indent=2)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +26,15 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import binom
 
-from fedmed.audit.canaries import audited_site, draw_canaries
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
+from fedmed.data.canaries import draw_canaries
+from fedmed.data.sources import audited_site
 from fedmed.errors import FedMedError
-from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
+from fedmed.privacy.accounting import cumulative_epsilon
 from fedmed.privacy.budget import dp_config
-from fedmed.privacy.ledger import load_public_key, read_verified
+from fedmed.privacy.ledger import load_public_key, read_entries
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CANARIES = 1000
 GUESS_FRACTIONS = (0.05, 0.1, 0.25, 0.5)  # guesses made, as a share of the canaries
@@ -102,14 +106,10 @@ def guess_and_bound(
 def formal_epsilon_of_run(ledger: Path, delta: float) -> float:
     """The audited site's epsilon for this run's entries (the canaries' only run) at
     ``delta``, from the mechanism parameters in its verified ledger, with its accountant."""
-    entries = read_verified(ledger, load_public_key(ledger.with_suffix(".pub")))
-    run_id = entries[-1]["run_id"]
-    spent = [
-        DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-        for e in entries
-        if e["run_id"] == run_id
-    ]
-    return cumulative_epsilon(spent, delta, str(entries[-1]["accountant"]["name"]))
+    entries = read_entries(ledger, load_public_key(ledger.with_suffix(".pub")))
+    last = entries[-1]
+    spent = [e.dp_steps for e in entries if e.run_id == last.run_id]
+    return cumulative_epsilon(spent, delta, last.accountant_name)
 
 
 def _canary_logits(output_dir: Path) -> np.ndarray:
@@ -126,7 +126,7 @@ def run_empirical_audit(cfg: FedMedConfig, output_dir: Path) -> int:
 
     Exit code 1 when the empirical lower bound exceeds the claimed epsilon (DP is broken).
     """
-    from fedmed.simulation import simulate
+    from fedmed.runs.simulation import simulate
 
     if dp_config(cfg) is None:
         raise FedMedError("audit empirical measures DP-SGD: set privacy=dp")
@@ -164,11 +164,11 @@ def run_empirical_audit(cfg: FedMedConfig, output_dir: Path) -> int:
     }
     (output_dir / "empirical_audit.json").write_text(json.dumps(report, indent=2) + "\n")
     for r in results:
-        print(
+        log.info(
             f"  {r.guesses:>5} guesses: {r.correct:>5} right -> epsilon >= "
-            f"{r.epsilon_lower_bound:.3f}"
+            f"{r.epsilon_lower_bound:.3f}",
         )
-    print(
+    log.info(
         f"empirical audit at {site}: {cfg.audit.canaries} canaries "
         f"({report['included']} included); epsilon lower bound {best.epsilon_lower_bound:.3f} "
         f"at {cfg.audit.confidence:.0%} confidence vs formal epsilon {claimed:.3f} at delta "
@@ -177,6 +177,6 @@ def run_empirical_audit(cfg: FedMedConfig, output_dir: Path) -> int:
             "VIOLATION: the mechanism as run leaks more than its ledger claims"
             if violated
             else "consistent with the claim"
-        )
+        ),
     )
     return 1 if violated else 0

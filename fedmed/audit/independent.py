@@ -18,11 +18,12 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
-from typing import Any
 
 import dp_accounting
 from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
+
+from fedmed.privacy.ledger import LedgerEntry
 
 LIBRARY = "dp-accounting"
 # Opacus 1.6 RDPAccountant.DEFAULT_ALPHAS: 1.1 to 10.9 in steps of 0.1, then 12 to 63.
@@ -75,20 +76,18 @@ def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
-def cumulative_epsilons(entries: Sequence[dict[str, Any]]) -> list[IndependentEpsilon]:
+def cumulative_epsilons(entries: Sequence[LedgerEntry]) -> list[IndependentEpsilon]:
     """Epsilon after each entry (composing it with every entry before it), at its own delta."""
     pld = PLDAccountant()
     rdp = RdpAccountant(orders=list(OPACUS_RDP_ORDERS))
     out = []
     with _quiet_rdp():
         for entry in entries:
-            steps = int(entry["steps"])
-            if steps > 0:
-                event = dp_sgd_event(
-                    float(entry["noise_multiplier"]), float(entry["sample_rate"]), steps
-                )
+            run = entry.dp_steps
+            if run.steps > 0:
+                event = dp_sgd_event(run.noise_multiplier, run.sample_rate, run.steps)
                 pld.compose(event)
                 rdp.compose(event)
-            delta = float(entry["delta"])
+            delta = float(entry.delta)
             out.append(IndependentEpsilon(pld.get_epsilon(delta), rdp.get_epsilon(delta)))
     return out

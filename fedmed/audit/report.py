@@ -30,6 +30,7 @@ from fedmed.audit.verify import (
 )
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
+from fedmed.plots import chart
 from fedmed.privacy.budget import MECHANISM
 
 STATEMENT = "privacy_statement"
@@ -104,41 +105,35 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
     """Lifetime epsilon after each of a site's trained rounds, against its budget."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(8, 4.2), dpi=110)
-    for i, audit in enumerate(a for a in audits if a.entries):
-        color = f"C{i % 10}"
-        x = [e.line for e in audit.entries]
-        ax.plot(
-            x,
-            [e.recorded_epsilon for e in audit.entries],
-            "o-",
-            color=color,
-            label=f"{audit.site} (recorded)",
-        )
-        ax.plot(
-            x,
-            [e.pld_epsilon for e in audit.entries],
-            "x:",
-            color=color,
-            label=f"{audit.site} (independent PLD)",
-        )
-        ax.axhline(audit.entries[-1].budget_epsilon, color=color, ls="--", lw=1)
-    ax.set_ylim(bottom=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("trained round in the site's ledger (all runs)")
-    ax.set_ylabel("lifetime epsilon (dashed: budget)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
+    with chart(
+        buffer,
+        xlabel="trained round in the site's ledger (all runs)",
+        ylabel="lifetime epsilon (dashed: budget)",
+        integer_x=True,
+        figsize=(8, 4.2),
+        dpi=110,
+        legend={"fontsize": 7, "ncol": 2},
+    ) as ax:
+        for i, audit in enumerate(a for a in audits if a.entries):
+            color = f"C{i % 10}"
+            x = [e.line for e in audit.entries]
+            ax.plot(
+                x,
+                [e.recorded_epsilon for e in audit.entries],
+                "o-",
+                color=color,
+                label=f"{audit.site} (recorded)",
+            )
+            ax.plot(
+                x,
+                [e.pld_epsilon for e in audit.entries],
+                "x:",
+                color=color,
+                label=f"{audit.site} (independent PLD)",
+            )
+            ax.axhline(audit.entries[-1].budget_epsilon, color=color, ls="--", lw=1)
+        ax.set_ylim(bottom=0)
     return buffer.getvalue()
 
 

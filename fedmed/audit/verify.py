@@ -38,12 +38,14 @@ from fedmed.privacy.budget import LEDGER_SUFFIX, MECHANISM
 from fedmed.privacy.ledger import (
     MARK_SUFFIX,
     HighWaterMark,
+    LedgerEntry,
     LedgerError,
     load_public_key,
     mark_problem,
     read_mark,
     read_verified,
 )
+from fedmed.records import RecordError
 
 if TYPE_CHECKING:
     from fedmed.audit.receipts import ReceiptsAudit
@@ -58,19 +60,6 @@ WINDOWS = {
     "rdp": f"RDP: within {TOLERANCE:.0%} of RDP over Opacus' orders",
     "gdp": f"GDP: within {TOLERANCE:.0%} of PLD",
 }
-REQUIRED_FIELDS = (
-    "site",
-    "run_id",
-    "round",
-    "mechanism",
-    "dataset_size",
-    "sample_rate",
-    "noise_multiplier",
-    "steps",
-    "delta",
-    "epsilon",
-    "budget_epsilon",
-)
 
 
 @dataclass(frozen=True)
@@ -188,27 +177,19 @@ def ledger_paths(paths: list[str]) -> list[Path]:
     return found
 
 
-def _entry_problems(line: int, entry: dict[str, Any]) -> list[Finding]:
-    missing = [k for k in REQUIRED_FIELDS if k not in entry]
-    if missing:
-        return [Finding(line, "format", f"entry lacks {', '.join(missing)}")]
-    if entry["mechanism"] != MECHANISM:
-        return [
-            Finding(
-                line,
-                "mechanism",
-                f"unknown mechanism '{entry['mechanism']}' (only {MECHANISM} can be recomputed)",
-            )
-        ]
-    return []
-
-
-def _writer(entry: dict[str, Any]) -> tuple[str, Any]:
-    """The accountant that wrote the epsilon, and the error bound it states (None: none)."""
-    record = entry.get("accountant")
-    if not isinstance(record, dict):
-        return "prv", None  # entries from before the field: Opacus' PRV, its default error
-    return str(record.get("name", "prv")), record.get("eps_error")
+def _parsed(line: int, raw: dict[str, Any]) -> LedgerEntry | Finding:
+    """The line's entry, or what keeps it from being one whose epsilon can be recomputed."""
+    try:
+        entry = LedgerEntry.from_dict(raw)
+    except RecordError as err:
+        return Finding(line, "format", str(err))
+    if entry.mechanism != MECHANISM:
+        return Finding(
+            line,
+            "mechanism",
+            f"unknown mechanism '{entry.mechanism[:40]}' (only {MECHANISM} can be recomputed)",
+        )
+    return entry
 
 
 def stated_error(stated: Any, rdp_epsilon: float) -> float | None:
@@ -224,9 +205,9 @@ def stated_error(stated: Any, rdp_epsilon: float) -> float | None:
     return value if value >= 0 else None
 
 
-def allowed_window(entry: dict[str, Any], pld: float, rdp: float) -> Window | str:
+def allowed_window(entry: LedgerEntry, pld: float, rdp: float) -> Window | str:
     """The window an honest entry's recorded epsilon lies in; a problem text when none."""
-    name, stated = _writer(entry)
+    name, stated = entry.accountant_name, entry.eps_error  # no record: PRV, Opacus' default
     if name == "prv":
         error = stated_error(stated, rdp)
         if error is None:
@@ -248,35 +229,34 @@ def allowed_window(entry: dict[str, Any], pld: float, rdp: float) -> Window | st
     return f"unknown accountant {name[:40]!r}: its epsilon cannot be checked"
 
 
-def _entry_check(line: int, entry: dict[str, Any], pld: float, rdp: float) -> EntryCheck:
+def _entry_check(line: int, entry: LedgerEntry, pld: float, rdp: float) -> EntryCheck:
     window = allowed_window(entry, pld, rdp)
-    record = entry.get("accountant")
-    record = record if isinstance(record, dict) else {}
+    record = entry.accountant or {}
     return EntryCheck(
         line=line,
-        run_id=str(entry["run_id"]),
-        round=int(entry["round"]),
-        dataset_size=int(entry["dataset_size"]),
-        sample_rate=float(entry["sample_rate"]),
-        noise_multiplier=float(entry["noise_multiplier"]),
-        steps=int(entry["steps"]),
-        delta=float(entry["delta"]),
-        budget_epsilon=float(entry["budget_epsilon"]),
-        recorded_epsilon=float(entry["epsilon"]),
+        run_id=entry.run_id,
+        round=entry.round,
+        dataset_size=entry.dataset_size,
+        sample_rate=float(entry.sample_rate),
+        noise_multiplier=float(entry.noise_multiplier),
+        steps=entry.steps,
+        delta=float(entry.delta),
+        budget_epsilon=float(entry.budget_epsilon),
+        recorded_epsilon=float(entry.epsilon),
         pld_epsilon=pld,
         rdp_epsilon=rdp,
-        max_grad_norm=entry.get("max_grad_norm"),
+        max_grad_norm=entry.max_grad_norm,
         accountant=" ".join(str(record.get(k, "?")) for k in ("library", "version", "name")),
-        config_hash=str(entry.get("config_hash", "")),
-        code_version=str(entry.get("code_version", "")),
-        hash=str(entry["hash"]),
+        config_hash=entry.config_hash or "",
+        code_version=entry.code_version or "",
+        hash=entry.hash or "",
         reference=window.reference if isinstance(window, Window) else "pld",
         allowed_low=window.low if isinstance(window, Window) else float("nan"),
         allowed_high=window.high if isinstance(window, Window) else float("nan"),
     )
 
 
-def _recomputation_findings(line: int, entry: dict[str, Any], check: EntryCheck) -> list[Finding]:
+def _recomputation_findings(line: int, entry: LedgerEntry, check: EntryCheck) -> list[Finding]:
     """Both directions: a recorded epsilon its own fields do not explain, above or below."""
     window = allowed_window(entry, check.pld_epsilon, check.rdp_epsilon)
     if isinstance(window, str):
@@ -302,11 +282,10 @@ def _recomputation_findings(line: int, entry: dict[str, Any], check: EntryCheck)
     ]
 
 
-def _value_findings(check: EntryCheck, site: str, entry: dict[str, Any]) -> list[Finding]:
+def _value_findings(check: EntryCheck, site: str, entry: LedgerEntry) -> list[Finding]:
     line, found = check.line, []
-    entry_site = str(entry["site"])
-    if entry_site != site:
-        found.append(Finding(line, "format", f"entry of site '{entry_site}' in {site}'s ledger"))
+    if entry.site != site:
+        found.append(Finding(line, "format", f"entry of site '{entry.site}' in {site}'s ledger"))
     found += _recomputation_findings(line, entry, check)
     if check.recorded_epsilon > check.budget_epsilon:
         found.append(
@@ -385,13 +364,14 @@ def verify_ledger(
     mark_file = mark or next((m for m in mark_candidates(ledger, key_path) if m.is_file()), None)
     if mark_file is not None:
         _check_mark(audit, ledger, mark_file, entries, key)
-    lines = range(1, len(entries) + 1)
-    for line, entry in zip(lines, entries, strict=True):
-        audit.findings += _entry_problems(line, entry)
-    if any(f.check in ("format", "mechanism") for f in audit.findings) or not entries:
+    parsed = [_parsed(line, raw) for line, raw in enumerate(entries, start=1)]
+    audit.findings += [p for p in parsed if isinstance(p, Finding)]
+    typed = [p for p in parsed if isinstance(p, LedgerEntry)]
+    if len(typed) < len(parsed) or not typed:
         return audit
-    audit.site = str(entries[0]["site"])
-    for line, entry, eps in zip(lines, entries, cumulative_epsilons(entries), strict=True):
+    audit.site = typed[0].site
+    lines = range(1, len(typed) + 1)
+    for line, entry, eps in zip(lines, typed, cumulative_epsilons(typed), strict=True):
         check = _entry_check(line, entry, eps.pld, eps.rdp)
         audit.entries.append(check)
         audit.findings += _value_findings(check, audit.site, entry)

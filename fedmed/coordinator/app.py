@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -14,7 +15,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import ServerApp
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
 from fedmed.coordinator import checkpoint
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
 from fedmed.coordinator.grid import (
@@ -23,12 +24,14 @@ from fedmed.coordinator.grid import (
     ObservedGrid,
 )
 from fedmed.coordinator.recorder import RunRecorder
+from fedmed.coordinator.secagg import RecordedSecAggPlusWorkflow
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.data import data_schema, num_sites, site_names
 from fedmed.models import build_model
 from fedmed.secure.params import resolve_secagg
-from fedmed.secure.workflow import RecordedSecAggPlusWorkflow
 from fedmed.train import get_weights, set_weights
+
+log = logging.getLogger(__name__)
 
 GLOBAL_MODEL_FILE = "global_model.pt"
 
@@ -67,7 +70,7 @@ def run_coordinator(
     if resumed is not None:
         checkpoint.restore(resumed, inner, recorder)
         recorder.extra["resumed_after_round"] = done = resumed.round
-        print(f"resuming after round {done} from {output_dir}", flush=True)
+        log.info(f"resuming after round {done} from {output_dir}")
 
     def save_checkpoint(server_round: int) -> None:
         assert strategy.global_weights is not None

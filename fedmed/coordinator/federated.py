@@ -26,8 +26,8 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedmed.coordinator.recorder import RunRecorder
-from fedmed.metrics import EvalStats
-from fedmed.update_checks import update_problem
+from fedmed.protocol import SITE_KEY, EvaluateReport, FitReport, RecordError
+from fedmed.secure.update_checks import update_problem
 
 
 class FederationStopped(RuntimeError):
@@ -105,16 +105,23 @@ class FederatedStrategy(Strategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.round_offset
         self.recorder.record_failures(server_round, "fit", list(failures))
-        trained = []
+        trained: list[tuple[ClientProxy, FitRes]] = []
         for proxy, res in results:
-            self.recorder.record_fit(server_round, res.num_examples, dict(res.metrics))
-            if "declined" in res.metrics:
+            try:
+                report = FitReport.from_metrics(res.metrics)
+            except RecordError as err:
+                unreadable = f"unreadable fit report ({err})"
+                self.recorder.record_rejected(server_round, _claimed_site(res.metrics), unreadable)
+                failures = [*failures, RuntimeError(unreadable)]
+                continue
+            self.recorder.record_fit(server_round, res.num_examples, report)
+            if report.declined is not None:
                 continue
             problem = self._update_problem(res)
             if problem is None:
                 trained.append((proxy, res))
             else:
-                self.recorder.record_rejected(server_round, str(res.metrics.get("site")), problem)
+                self.recorder.record_rejected(server_round, report.site, problem)
                 failures = [*failures, RuntimeError(problem)]
         if len(trained) < self.min_sites:
             declined = len(results) - len(trained)
@@ -147,10 +154,15 @@ class FederatedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.round_offset
         self.recorder.record_failures(server_round, "evaluate", list(failures))
-        per_site = {
-            str(res.metrics["site"]): EvalStats.from_metrics(dict(res.metrics))
-            for _, res in results
-        }
+        per_site = {}
+        for _, res in results:
+            try:
+                report = EvaluateReport.from_metrics(res.metrics)
+            except RecordError as err:
+                problem = RuntimeError(f"site '{_claimed_site(res.metrics)}': {err}")
+                self.recorder.record_failures(server_round, "evaluate", [problem])
+                continue
+            per_site[report.site] = report.stats
         loss: float | None = None
         metrics: dict[str, Any] = {}
         if per_site:
@@ -166,3 +178,9 @@ class FederatedStrategy(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round + self.round_offset, parameters)
+
+
+def _claimed_site(metrics: dict[str, Scalar]) -> str:
+    """The name an unreadable report gives (only to say whose it was)."""
+    site = metrics.get(SITE_KEY)
+    return site if isinstance(site, str) else "unknown"

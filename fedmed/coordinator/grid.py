@@ -22,14 +22,17 @@ Simulation has no registry and learns the names from the replies.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from flwr.common import Error, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
 from fedmed.coordinator.recorder import Failure, RunRecorder, site_error
+from fedmed.protocol import RECORD_KEY_CONFIGS, SITE_KEY, Key
+
+log = logging.getLogger(__name__)
 
 # How often the coordinator looks for newly connected sites while it waits for them.
 CONNECT_POLL_S = 0.05
@@ -93,7 +96,7 @@ class ObservedGrid:
         self._recorder.extra.setdefault("unsampled_nodes", []).append(
             {"node": node, "registered_as": site, "reason": reason}
         )
-        print(f"node {node} (registered as '{site}') is {reason}", flush=True)
+        log.info(f"node {node} (registered as '{site}') is {reason}")
 
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
@@ -165,7 +168,7 @@ class ObservedGrid:
         self._recorder.failures.append(
             Failure(registered or f"node {node}", server_round, stage, error)
         )
-        print(f"round {server_round:>3} | {stage} refused: {error}", flush=True)
+        log.info(f"round {server_round:>3} | {stage} refused: {error}")
         return False
 
     def _collect_replies(self, pending: set[str], timeout: float | None) -> list[Message]:
@@ -190,10 +193,9 @@ class ObservedGrid:
         deadline = time.monotonic() + timeout
         while (connected := len(self.get_node_ids())) < expected:
             if time.monotonic() >= deadline:
-                print(
+                log.info(
                     f"only {connected} of {expected} sites connected after "
                     f"federation.connect_timeout={timeout:g} s; starting with those",
-                    flush=True,
                 )
                 break
             time.sleep(CONNECT_POLL_S)
@@ -206,8 +208,8 @@ def _claimed_site(reply: Message) -> str | None:
         site, _ = site_error(reply.error.reason or "")
         return None if site == "unknown" else site
     for record in reply.content.config_records.values():
-        if "site" in record:
-            return str(record["site"])
+        if SITE_KEY in record:
+            return str(record[SITE_KEY])
     return None
 
 

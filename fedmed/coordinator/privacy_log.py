@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
+from fedmed.plots import chart
 from fedmed.privacy.accounting import accountant_record
 from fedmed.privacy.budget import MECHANISM, dp_config
+from fedmed.protocol import FitReport
 from fedmed.provenance import code_version, config_hash
 
 UNIT_OF_PRIVACY = "one record (patient row or image) of one site's training data"
@@ -42,32 +44,29 @@ class PrivacyLog:
     def enabled(self) -> bool:
         return dp_config(self.cfg) is not None
 
-    def record(self, server_round: int, site: str, metrics: dict[str, Any]) -> None:
-        if "epsilon" not in metrics:
+    def record(self, server_round: int, report: FitReport) -> None:
+        """A site's reported accounting after a round (nothing without privacy=dp)."""
+        p = report.privacy
+        if p is None:
             return
-        declined = metrics.get("declined")
         self.spends.append(
             SiteSpend(
-                server_round,
-                site,
-                float(metrics["epsilon"]),
-                float(metrics["budget_epsilon"]),
-                str(declined) if declined else None,
+                server_round, report.site, float(p.epsilon), float(p.budget_epsilon), p.declined
             )
         )
-        state = self.sites.setdefault(site, {"declined_rounds": []})
-        if declined:
+        state = self.sites.setdefault(report.site, {"declined_rounds": []})
+        if p.declined is not None:
             state["declined_rounds"].append(server_round)
         state.update(
-            epsilon=float(metrics["epsilon"]),
-            delta=float(metrics["delta"]),
-            budget_epsilon=float(metrics["budget_epsilon"]),
-            noise_multiplier=float(metrics["noise_multiplier"]),
-            sample_rate=float(metrics["sample_rate"]),
-            ledger=str(metrics["ledger"]),
+            epsilon=float(p.epsilon),
+            delta=float(p.delta),
+            budget_epsilon=float(p.budget_epsilon),
+            noise_multiplier=float(p.noise_multiplier),
+            sample_rate=float(p.sample_rate),
+            ledger=p.ledger,
         )
-        if "accountant" in metrics:
-            state["accountant"] = str(metrics["accountant"])
+        if p.accountant is not None:
+            state["accountant"] = p.accountant
 
     def max_epsilon(self, server_round: int) -> float | None:
         values = [s.epsilon for s in self.spends if s.round == server_round]
@@ -191,39 +190,30 @@ class PrivacyLog:
 
     def plot(self, path: Path) -> None:
         """Epsilon per site over rounds, each against its budget (dashed)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from matplotlib.ticker import MaxNLocator
-
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for site in sorted(self.sites):
-            spends = [s for s in self.spends if s.site == site]
-            line = ax.plot(
-                [s.round for s in spends], [s.epsilon for s in spends], marker="o", label=site
-            )[0]
-            ax.axhline(
-                self.sites[site]["budget_epsilon"],
-                color=line.get_color(),
-                linestyle="--",
-                linewidth=1,
-            )
-            declined = [s for s in spends if s.declined]
-            ax.scatter(
-                [s.round for s in declined],
-                [s.epsilon for s in declined],
-                marker="x",
-                s=80,
-                color=line.get_color(),
-            )
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round (x: site declined)")
-        ax.set_ylabel("lifetime epsilon (dashed: budget)")
-        ax.set_ylim(bottom=0.0)
-        ax.set_title("privacy spend per site")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
+        with chart(
+            path,
+            xlabel="round (x: site declined)",
+            ylabel="lifetime epsilon (dashed: budget)",
+            title="privacy spend per site",
+            integer_x=True,
+        ) as ax:
+            for site in sorted(self.sites):
+                spends = [s for s in self.spends if s.site == site]
+                line = ax.plot(
+                    [s.round for s in spends], [s.epsilon for s in spends], marker="o", label=site
+                )[0]
+                ax.axhline(
+                    self.sites[site]["budget_epsilon"],
+                    color=line.get_color(),
+                    linestyle="--",
+                    linewidth=1,
+                )
+                declined = [s for s in spends if s.declined]
+                ax.scatter(
+                    [s.round for s in declined],
+                    [s.epsilon for s in declined],
+                    marker="x",
+                    s=80,
+                    color=line.get_color(),
+                )
+            ax.set_ylim(bottom=0.0)

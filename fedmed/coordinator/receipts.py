@@ -10,7 +10,7 @@ reach it: a site ledger that was later truncated, replaced or deleted is missing
 coordinator holds receipts for, and the auditor names them.
 
 Key: ``receipts.key`` in the run folder (a simulation), or the deployed coordinator's own
-key for all its runs (``fedmed.flower_app``); the public key is always copied beside the
+key for all its runs (``fedmed.runs.flower_app``); the public key is always copied beside the
 receipts as ``receipts.pub``.
 """
 
@@ -26,11 +26,13 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedmed.privacy.ledger import (
+    GENESIS_HASH,
     append_entry,
     load_or_create_signing_key,
     public_key_pem,
     read_verified,
 )
+from fedmed.protocol import PrivacyReport
 
 RECEIPTS_FILE = "receipts.jsonl"
 RECEIPTS_PUBLIC_KEY = "receipts.pub"
@@ -38,7 +40,7 @@ RECEIPTS_KEY = "receipts.key"
 RECEIPT_FORMAT = "fedmed-receipt/1"
 # What the site reported beside the hash; kept so the auditor can compare it with the entry.
 REPORTED_KEYS = ("epsilon", "steps", "noise_multiplier", "sample_rate", "delta", "ledger")
-log = logging.getLogger("fedmed.receipts")
+log = logging.getLogger(__name__)
 
 
 def _drop_torn_tail(path: Path) -> None:
@@ -79,20 +81,21 @@ class ReceiptBook:
             _drop_torn_tail(self.path)
             entries = read_verified(self.path, key.public_key())
             self._key = key
-            self._head = entries[-1]["hash"] if entries else "0" * 64
+            self._head = entries[-1]["hash"] if entries else GENESIS_HASH
         return self._key, self._head
 
-    def record(self, server_round: int, site: str, metrics: dict[str, Any]) -> dict[str, Any]:
-        """One receipt for a DP update (``metrics`` as the site sent them); durable on return."""
+    def record(self, server_round: int, site: str, privacy: PrivacyReport) -> dict[str, Any]:
+        """One receipt for a DP update (``privacy`` as the site reported it); durable on return."""
         key, head = self._open()
-        entry = metrics.get("ledger_entry")
+        entry = privacy.ledger_entry
+        reported = privacy.to_metrics()
         fields = {
             "format": RECEIPT_FORMAT,
             "site": site,
             "round": server_round,
-            "ledger_entry": str(entry)[:128] if entry is not None else None,
+            "ledger_entry": entry[:128] if entry is not None else None,
             "received": datetime.datetime.now(datetime.UTC).isoformat(),
-            "reported": {k: metrics[k] for k in REPORTED_KEYS if k in metrics},
+            "reported": {k: reported[k] for k in REPORTED_KEYS if k in reported},
         }
         receipt = append_entry(self.path, fields, key, head)
         self._head = receipt["hash"]

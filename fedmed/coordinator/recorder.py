@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,12 +17,16 @@ from typing import Any
 
 from flwr.common import Error
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
 from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.coordinator.receipts import ReceiptBook
 from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
+from fedmed.errors import REFUSES
 from fedmed.metrics import EvalStats
-from fedmed.site_policy import REFUSES
+from fedmed.plots import chart
+from fedmed.protocol import FitReport
+
+log = logging.getLogger(__name__)
 
 # A run that ended because sites' privacy budgets ran out ended as designed.
 CLEAN_STATUSES = ("completed", "budget_exhausted")
@@ -128,20 +133,21 @@ class RunRecorder:
         self._round_started = time.perf_counter()
         self._fit_rows = {}
 
-    def record_fit(self, server_round: int, num_train: int, metrics: dict[str, Any]) -> None:
+    def record_fit(self, server_round: int, num_train: int, report: FitReport) -> None:
         """A site's fit answer: an update, or a decline with the site's reason."""
-        site = str(metrics.get("site", "unknown"))
-        self.privacy.record(server_round, site, metrics)
-        if metrics.get("declined"):
-            print(f"round {server_round:>3} | {site} declined: {metrics['declined']}", flush=True)
+        site = report.site
+        self.privacy.record(server_round, report)
+        if report.declined is not None:
+            log.info(f"round {server_round:>3} | {site} declined: {report.declined}")
             return
-        if self.privacy.enabled and "epsilon" in metrics:
-            self.receipts.record(server_round, site, metrics)  # signed, before aggregation
+        if self.privacy.enabled and report.privacy is not None:
+            self.receipts.record(server_round, site, report.privacy)  # signed, before aggregation
         self._trained.setdefault(server_round, set()).add(site)
+        loss = report.train_loss
         self._fit_rows[site] = {
             "num_train": num_train,
-            "train_loss": float(metrics.get("train_loss", float("nan"))),
-            "epsilon": metrics.get("epsilon"),
+            "train_loss": float(loss) if loss is not None else float("nan"),
+            "epsilon": report.privacy.epsilon if report.privacy is not None else None,
         }
         self.sites.setdefault(site, {})["num_train"] = num_train
 
@@ -152,14 +158,14 @@ class RunRecorder:
         for failure in failures:
             site, message = site_error(failure_text(failure))
             self.failures.append(Failure(site, server_round, stage, message))
-            print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
+            log.info(f"round {server_round:>3} | {stage} failed at {site}: {message}")
 
     def record_rejected(self, server_round: int, site: str, problem: str) -> None:
         """An update the coordinator refused (a site that skipped or lacks its own checks)."""
         message = f"update rejected by the coordinator: {problem}"
         self._trained.get(server_round, set()).discard(site)  # not in the aggregate
         self.failures.append(Failure(site, server_round, "fit", message))
-        print(f"round {server_round:>3} | fit failed at {site}: {message}", flush=True)
+        log.info(f"round {server_round:>3} | fit failed at {site}: {message}")
 
     def record_no_reply(
         self, server_round: int, site: str, stage: str, timeout: float | None
@@ -167,15 +173,15 @@ class RunRecorder:
         """A site that took its message but never answered within the round's timeout."""
         message = f"site '{site}': no reply within federation.round_timeout ({timeout} s)"
         self.failures.append(Failure(site, server_round, stage, message))
-        print(f"round {server_round:>3} | {stage} failed at {site}: {message}", flush=True)
+        log.info(f"round {server_round:>3} | {stage} failed at {site}: {message}")
 
     def record_dropout(self, server_round: int, site: str, stage: str) -> None:
         self.secure.dropped.append(Dropout(server_round, site, stage))
-        print(f"round {server_round:>3} | {site} dropped out at SecAgg+ stage {stage}", flush=True)
+        log.info(f"round {server_round:>3} | {site} dropped out at SecAgg+ stage {stage}")
 
     def record_secure_round_failure(self, server_round: int, reason: str) -> None:
         self.secure.failed_rounds.append({"round": server_round, "reason": reason})
-        print(f"round {server_round:>3} | {reason}", flush=True)
+        log.info(f"round {server_round:>3} | {reason}")
 
     def record_evaluation(self, server_round: int, per_site: dict[str, EvalStats]) -> RoundRecord:
         """Store per-site rows and the merged global metrics; print the round's progress line."""
@@ -210,12 +216,11 @@ class RunRecorder:
         auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
         eps = self.privacy.max_epsilon(server_round)
         eps_text = f" | max site epsilon {eps:.3f}" if eps is not None else ""
-        print(
+        log.info(
             f"round {server_round:>3}/{self.cfg.federation.rounds} | loss {record.loss:.4f} | "
             f"accuracy {record.accuracy:.4f} | auc {auc} | sites trained {record.trained}, "
             f"evaluated {record.sites}{eps_text} | "
             f"{record.seconds:.1f}s",
-            flush=True,
         )
         return record
 
@@ -230,7 +235,7 @@ class RunRecorder:
             )
         self.status = status
         self.stop_reason = reason
-        print(f"federation {status.replace('_', ' ')}: {reason}", flush=True)
+        log.info(f"federation {status.replace('_', ' ')}: {reason}")
 
     # ------------------------------------------------------------------ outputs
     def summary(self) -> dict[str, Any]:
@@ -292,23 +297,10 @@ def _title(cfg: FedMedConfig) -> str:
 
 def plot_history(history: list[RoundRecord], path: Path, title: str) -> None:
     """Accuracy and AUC of the global model per round."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rounds = [r.round for r in history]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(rounds, [r.accuracy for r in history], marker="o", label="accuracy")
-    aucs = [r.auc for r in history if r.auc is not None]
-    if len(aucs) == len(history):
-        ax.plot(rounds, aucs, marker="s", label="AUC")
-    ax.set_xlabel("round")
-    ax.set_ylabel("global test metric")
-    ax.set_ylim(0.0, 1.0)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with chart(path, xlabel="round", ylabel="global test metric", title=title) as ax:
+        ax.plot(rounds, [r.accuracy for r in history], marker="o", label="accuracy")
+        aucs = [r.auc for r in history if r.auc is not None]
+        if len(aucs) == len(history):
+            ax.plot(rounds, aucs, marker="s", label="AUC")
+        ax.set_ylim(0.0, 1.0)

@@ -11,7 +11,7 @@ from typing import Any
 from flwr.common import Parameters
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
-from fedmed.config import FedMedConfig, StrategyName, sites_per_round
+from fedmed.config.schema import FedMedConfig, StrategyName, sites_per_round
 
 
 def _fit_config(server_round: int) -> dict[str, Any]:

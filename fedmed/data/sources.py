@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedmed.config import (
+from fedmed.config.schema import (
     DatasetConfig,
     FedMedConfig,
     ImageConfig,
@@ -24,13 +24,15 @@ from fedmed.config import (
     SyntheticTabularConfig,
     TabularConfig,
 )
+from fedmed.data.canaries import with_canaries
 from fedmed.data.images import ImageSplits, load_medmnist
 from fedmed.data.partition import partition_train_test, stratified_split
 from fedmed.data.synthetic import pooled, synthetic_site_name, synthetic_table
 from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
-from fedmed.data.types import BUNDLED_PREFIX, DataSchema, SiteData
+from fedmed.data.types import DataSchema, SiteData
 from fedmed.errors import ConfigError
-from fedmed.sitekit import SiteKit, load_site_kit
+from fedmed.kits.files import BUNDLED_PREFIX
+from fedmed.kits.site import SiteKit, load_site_kit
 
 DEFAULT_NUM_SITES = 4
 
@@ -252,6 +254,15 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
 def _load_images_cached(path: str, num_classes: int | None, channels: int | None) -> ImageSplits:
     return load_medmnist(resolve_path(path), num_classes, channels)
 
+def audited_site(cfg: FedMedConfig) -> str:
+    """``audit.site``, or the first site."""
+    names = site_names(cfg)
+    site = cfg.audit.site or names[0]
+    if site not in names:
+        raise ConfigError("audit.site", site, f"one of the sites: {', '.join(names)}")
+    return site
+
+
 
 _site_cache: dict[tuple[str, int], SiteData] = {}
 
@@ -264,11 +275,8 @@ def load_site(cfg: FedMedConfig, index: int) -> SiteData:
     key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed, cfg.audit)), index)
     if key not in _site_cache:
         data = _load_site_uncached(cfg, index)
-        if cfg.audit.canaries:
-            from fedmed.audit.canaries import audited_site, with_canaries
-
-            if data.name == audited_site(cfg):
-                data = with_canaries(data, cfg)  # the empirical audit's site only
+        if cfg.audit.canaries and data.name == audited_site(cfg):
+            data = with_canaries(data, cfg)  # the empirical audit's site only
         _site_cache[key] = data
     return _site_cache[key]
 

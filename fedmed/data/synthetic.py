@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from fedmed.config import SyntheticTabularConfig
+from fedmed.config.schema import SyntheticTabularConfig
 from fedmed.data.tabular import Table
 from fedmed.errors import ConfigError
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from fedmed.errors import DataError
 
-log = logging.getLogger("fedmed.data")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

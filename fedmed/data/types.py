@@ -6,9 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-# Data paths starting with this prefix point into fedmed's own bundled data.
-BUNDLED_PREFIX = "bundled:"
-
 
 @dataclass(frozen=True)
 class DataSchema:

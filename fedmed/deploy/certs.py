@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedmed.errors import FedMedError
-from fedmed.keyfiles import write_private, write_public
+from fedmed.kits.keys import write_private, write_public
 from fedmed.privacy.ledger import public_key_pem, signing_key_pem
+
+log = logging.getLogger(__name__)
 
 CA_KEY, CA_CERT = "ca.key", "ca.crt"
 SERVER_KEY, SERVER_CERT = "server.key", "server.pem"
@@ -215,7 +218,7 @@ def certs_main(argv: list[str]) -> int:
         written = [files.node_private, files.node_public, files.ledger_private, files.ledger_public]
     for path in written:
         kind = "private, mode 0600" if path.suffix == ".key" else "share it"
-        print(f"wrote {path} ({kind})")
+        log.info(f"wrote {path} ({kind})")
     return 0
 
 

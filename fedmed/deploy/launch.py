@@ -10,6 +10,7 @@ the kits.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -22,12 +23,17 @@ from pathlib import Path
 
 from fedmed.coordinator.registry import REGISTRY_FILE
 from fedmed.deploy.certs import CA_CERT, SERVER_CERT, SERVER_KEY, certificate_names
-from fedmed.deploy.kits import ServerKit, host_port, load_server_kit
 from fedmed.errors import FedMedError
-from fedmed.sitekit import SiteKit, load_site_kit
+from fedmed.kits.server import ServerKit, host_port, load_server_kit
+from fedmed.kits.site import SiteKit, load_site_kit
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "fedmed"
-REPO = Path(__file__).resolve().parents[2]
+# In the kit's state folder: the Flower App project `fedmed server run` submits (its folder
+# name is the app's: letters, digits, hyphens), and each run's run config.
+APP_PROJECT = "flower-app"
+RUN_CONFIGS = "run-configs"
 INSECURE_WARNING = (
     "WARNING: --insecure: no TLS and no SuperNode authentication; anyone on the network can "
     "read the traffic and join as a site. Use only for a local test."
@@ -215,7 +221,7 @@ def server_start(kit_path: str, insecure: bool) -> int:
     other node) before it listens."""
     kit = load_server_kit(kit_path)
     if insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        log.warning(INSECURE_WARNING)
     else:
         check_server_kit(kit)
     Path(kit.state).mkdir(parents=True, exist_ok=True)
@@ -223,10 +229,9 @@ def server_start(kit_path: str, insecure: bool) -> int:
     def when_up() -> None:
         wait_for_port(kit.address)
         wait_for_port(kit.control_address)
-        print(
+        log.info(
             f"SuperLink running; hospitals connect to {kit.address} (Fleet API only); "
             f"the operator's API is on {kit.control_address} (this machine only)",
-            flush=True,
         )
 
     return run_foreground(superlink_command(kit, insecure), when_up)
@@ -241,15 +246,13 @@ def site_start(kit_path: str, insecure: bool) -> int:
     """
     kit = load_site_kit(kit_path)
     if insecure:
-        print(INSECURE_WARNING, file=sys.stderr, flush=True)
+        log.warning(INSECURE_WARNING)
     command = supernode_command(kit, kit_path, insecure)
     while True:
         code = run_foreground(command)
-        print(
+        log.warning(
             f"site '{kit.name}': the SuperNode exited with code {code}; restarting in "
             f"{SUPERNODE_RESTART_DELAY_S:g} s (stop with Ctrl+C)",
-            file=sys.stderr,
-            flush=True,
         )
         time.sleep(SUPERNODE_RESTART_DELAY_S)
 
@@ -257,12 +260,21 @@ def site_start(kit_path: str, insecure: bool) -> int:
 def server_run(kit_path: str, overrides: list[str], insecure: bool, run_name: str) -> int:
     """Submit the federation (``flwr run``, on the operator's address) with the Hydra
     overrides and the site registry; streams its output."""
-    from fedmed.configure import compose_config
+    from fedmed.runs.compose import compose_config
+    from fedmed.runs.flower_project import (
+        OUTPUT_DIR_KEY,
+        OVERRIDES_KEY,
+        REGISTRY_KEY,
+        write_app_project,
+        write_run_config,
+    )
 
     compose_config(overrides)  # one-line config errors before anything is submitted
     kit = load_server_kit(kit_path)
-    output_dir = Path(kit.output_dir) / run_name
-    run_config = f'overrides="{shlex.join(overrides)}" output-dir="{output_dir}"'
+    run_config = {
+        OVERRIDES_KEY: shlex.join(overrides),
+        OUTPUT_DIR_KEY: str(Path(kit.output_dir) / run_name),
+    }
     if not insecure:
         registry = registry_path(kit)
         if not registry.is_file():
@@ -270,8 +282,12 @@ def server_run(kit_path: str, overrides: list[str], insecure: bool, run_name: st
                 f"site registry {registry}: file not found; start the coordinator first "
                 f"(`fedmed server start --kit {kit_path}`)"
             )
-        run_config += f" site-registry={config_string(str(registry), 'site registry')}"
-    command = [_binary("flwr"), "run", str(REPO), CONNECTION, "--stream", "--run-config",
-               run_config]  # fmt: skip
+        run_config[REGISTRY_KEY] = str(registry)
+    # The Flower App project comes from the installed fedmed: no checkout needed.
+    state = Path(kit.state)
+    app = write_app_project(state / APP_PROJECT)
+    config_file = write_run_config(state / RUN_CONFIGS / f"{run_name}.toml", run_config)
+    command = [_binary("flwr"), "run", str(app), CONNECTION, "--stream", "--run-config",
+               str(config_file)]  # fmt: skip
     done = subprocess.run(command, env=flwr_environment(kit, insecure), check=False)
     return done.returncode

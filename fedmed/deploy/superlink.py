@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import logging
 import os
 import socket
 import sys
@@ -37,6 +38,9 @@ from typing import Any
 
 from fedmed.coordinator.registry import write_registry
 from fedmed.errors import FedMedError
+from fedmed.terminal import show_on_terminal
+
+log = logging.getLogger(__name__)
 
 Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
@@ -172,7 +176,7 @@ def _bind(address: str, what: str) -> socket.socket:
 
 
 def _loopback_port(host: str, port: int) -> int:
-    from fedmed.deploy.kits import is_loopback
+    from fedmed.kits.server import is_loopback
 
     if not is_loopback(host):
         raise FedMedError(
@@ -222,6 +226,7 @@ def _own_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse fedmed's and Flower's arguments, register the sites, serve until stopped."""
+    show_on_terminal()
     own, flower_args = _own_args(sys.argv[1:] if argv is None else argv)
     for switch in FLOWER_GRPC_SWITCHES:
         os.environ.pop(switch, None)
@@ -250,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_registry(own.registry, nodes)
         serve(app, config, own.fleet_address)
     except FedMedError as exc:
-        print(f"error: {exc}", file=sys.stderr, flush=True)
+        log.error(f"error: {exc}")
         return 2
     return 0
 

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from fedmed.config import ModelName
+from fedmed.config.schema import ModelName
 from fedmed.data.types import DataSchema
 from fedmed.errors import ConfigError
 from fedmed.models.canary import CanaryHead

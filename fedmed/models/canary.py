@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SENTINEL = -1.0e4  # no standardised feature or pixel takes this value
+from fedmed.data.canaries import SENTINEL
 
 
 class CanaryHead(nn.Module):

@@ -2,7 +2,7 @@
 
 The site's policy (budget, delta, accountant, ledger and key files, floors and caps) comes
 from its kit alone (``site_policy``); a simulated site without a kit gets one generated from
-the run (``fedmed.site_policy``). Before each round the site projects the epsilon it would
+the run (``fedmed.site.policy``). Before each round the site projects the epsilon it would
 reach after that round's steps, counting every entry already in its ledger (earlier rounds
 and earlier runs), and declines when the projection exceeds its budget (or this run's spend
 would exceed the kit's cap for one run). Nothing the coordinator sends can change that
@@ -15,22 +15,23 @@ import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 
-from fedmed.config import DpConfig, FedMedConfig
-from fedmed.errors import SiteError
+from fedmed.config.schema import DpConfig, FedMedConfig
+from fedmed.errors import REFUSES, SiteError
+from fedmed.kits.site import SiteKit
 from fedmed.privacy.accounting import DPSteps, accountant_record, cumulative_epsilon
 from fedmed.privacy.ledger import (
+    LedgerEntry,
     LedgerError,
     append_marked,
     ensure_writable,
     load_or_create_signing_key,
     mark_path,
     open_ledger,
+    parse_entries,
 )
-from fedmed.sitekit import SiteKit
 
 MECHANISM = "dp_sgd_poisson_gaussian"
 LEDGER_SUFFIX = ".ledger.jsonl"
@@ -68,19 +69,19 @@ def dp_config(cfg: FedMedConfig) -> DpConfig | None:
 def site_policy(kit: SiteKit) -> SitePolicy:
     """The privacy policy a site enforces, from its kit alone (never from the run's config).
 
-    A simulated site's kit already points its ledger into the run (``fedmed.site_policy``).
+    A simulated site's kit already points its ledger into the run (``fedmed.site.policy``).
     """
     p = kit.privacy
     if p.budget_epsilon is None:
         raise SiteError(
             kit.name,
-            "refuses the run: its kit states no lifetime budget; set privacy.budget_epsilon "
+            f"{REFUSES}: its kit states no lifetime budget; set privacy.budget_epsilon "
             "in the site's kit",
         )
     if p.ledger is None:
         raise SiteError(
             kit.name,
-            "refuses the run: its kit names no privacy ledger; set privacy.ledger in the "
+            f"{REFUSES}: its kit names no privacy ledger; set privacy.ledger in the "
             "site's kit",
         )
     ledger = Path(p.ledger)
@@ -171,7 +172,8 @@ class PrivacyAccount:
         self._check_public_key()
         self.mark = mark_path(policy.signing_key)
         ensure_writable(self.mark)
-        self.entries = open_ledger(policy.ledger, self.mark, self._key, policy.site)
+        lines = open_ledger(policy.ledger, self.mark, self._key, policy.site)
+        self.entries = parse_entries(policy.ledger, lines)
 
     def _check_public_key(self) -> None:
         published = serialization.load_pem_public_key(self.policy.public_key.read_bytes())
@@ -186,10 +188,7 @@ class PrivacyAccount:
 
     def spent(self) -> list[DPSteps]:
         """Every mechanism run recorded so far, in ledger order."""
-        return [
-            DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-            for e in self.entries
-        ]
+        return [e.dp_steps for e in self.entries]
 
     def epsilon(self, planned: DPSteps | None = None) -> float:
         """Lifetime epsilon at the site's delta, after ``planned`` steps if given."""
@@ -199,11 +198,7 @@ class PrivacyAccount:
     def decide(self, planned: DPSteps, run_id: str | None = None) -> RoundDecision:
         """Train only if the epsilon after this round stays within the lifetime budget (and
         run ``run_id``'s own epsilon within the kit's cap for one run)."""
-        run_spent = [
-            DPSteps(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
-            for e in self.entries
-            if run_id is not None and e.get("run_id") == run_id
-        ]
+        run_spent = [e.dp_steps for e in self.entries if run_id is not None and e.run_id == run_id]
         return decide(self.spent(), planned, self.policy, run_spent)
 
     def record(
@@ -217,33 +212,35 @@ class PrivacyAccount:
         max_grad_norm: float,
         config_hash: str,
         code_version: str,
-    ) -> dict[str, Any]:
+    ) -> LedgerEntry:
         """Durably append this round's entry; call it before the update leaves the site."""
-        fields = {
-            "site": self.policy.site,
-            "run_id": run_id,
-            "round": server_round,
-            "timestamp": datetime.datetime.now(datetime.UTC).isoformat(),
-            "mechanism": MECHANISM,
-            "dataset_size": dataset_size,
-            "sample_rate": planned.sample_rate,
-            "noise_multiplier": planned.noise_multiplier,
-            "max_grad_norm": max_grad_norm,
-            "steps": planned.steps,
-            "delta": self.policy.delta,
-            "accountant": accountant_record(self.policy.accountant),
-            "epsilon": epsilon,
-            "budget_epsilon": self.policy.budget_epsilon,
-            "config_hash": config_hash,
-            "code_version": code_version,
-        }
-        entry = append_marked(self.policy.ledger, self.mark, fields, self._key, self.entries)
-        self.entries.append(entry)
-        return entry
+        entry = LedgerEntry(
+            site=self.policy.site,
+            run_id=run_id,
+            round=server_round,
+            timestamp=datetime.datetime.now(datetime.UTC).isoformat(),
+            mechanism=MECHANISM,
+            dataset_size=dataset_size,
+            sample_rate=planned.sample_rate,
+            noise_multiplier=planned.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            steps=planned.steps,
+            delta=self.policy.delta,
+            accountant=accountant_record(self.policy.accountant),
+            epsilon=epsilon,
+            budget_epsilon=self.policy.budget_epsilon,
+            config_hash=config_hash,
+            code_version=code_version,
+        )
+        chain = [e.as_dict() for e in self.entries]
+        line = append_marked(self.policy.ledger, self.mark, entry.as_dict(), self._key, chain)
+        signed = LedgerEntry.from_dict(line)
+        self.entries.append(signed)
+        return signed
 
     def noise_multiplier_of_run(self, run_id: str, config_hash: str) -> float | None:
         """The noise this site already calibrated for this run, read back from its ledger."""
         for entry in reversed(self.entries):
-            if entry.get("run_id") == run_id and entry.get("config_hash") == config_hash:
-                return float(entry["noise_multiplier"])
+            if entry.run_id == run_id and entry.config_hash == config_hash:
+                return float(entry.noise_multiplier)
         return None

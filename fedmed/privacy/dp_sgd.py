@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmed.config import FedMedConfig
+from fedmed.config.schema import FedMedConfig
 from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
 from fedmed.privacy.budget import SitePolicy, dp_config
 from fedmed.train import TrainResult, TrainSettings, make_loader, train_local
@@ -126,12 +126,7 @@ def make_private_training(
     generators of the Poisson sampler and the noise."""
     from opacus import PrivacyEngine
 
-    optimizer = torch.optim.SGD(
-        model.parameters(),
-        lr=settings.lr,
-        momentum=settings.momentum,
-        weight_decay=settings.weight_decay,
-    )
+    optimizer = settings.sgd(model)
     loader = make_loader(x, y, settings.batch_size, seed=0)
     loader.generator = rng or _secret_generator()  # Opacus' Poisson sampler inherits it
     extra = {"criterion": loss_fn} if dp.clipping == "ghost" else {}

@@ -3,8 +3,11 @@
 Each entry carries ``prev_hash`` (the previous entry's ``hash``), its own ``hash`` (sha256 of the
 canonical JSON of every other field) and ``signature`` (Ed25519 over that hash, with the site's
 key). Any edit, deletion, reordering, insertion or truncation breaks the chain or a signature,
-and ``read_verified`` names the first line that is wrong. The schema only grows: fields are
-added, never renamed or given a new meaning.
+and ``read_verified`` names the first line that is wrong (it checks any file of signed JSON
+lines: the coordinator's receipts use it too). What a site's line records is a
+``LedgerEntry``, the one parser of ledger lines; ``read_entries`` verifies and parses. The schema
+only grows: fields are added (optional), never renamed or given a new meaning, and keys from
+a newer writer are kept verbatim, so an old ledger keeps verifying and a newer one still does.
 
 A chain cannot show that lines are missing at its end, or that the whole file is gone. So the
 site also keeps a signed high-water mark (entry count and head hash) outside the ledger file,
@@ -28,7 +31,8 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +41,16 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fedmed.errors import FedMedError
-from fedmed.keyfiles import write_private, write_public
+from fedmed.kits.keys import write_private, write_public
+from fedmed.privacy.accounting import DPSteps
+from fedmed.records import UNREAD, RecordError, field_names, read_fields, unknown_keys
 
 GENESIS_HASH = "0" * 64
 SIGNED_FIELDS_EXCLUDED = ("hash", "signature")
 MARK_SUFFIX = ".mark"
 MARK_FORMAT = "fedmed-ledger-mark/1"
 MARK_RESTORE = "restore it from the site's backup (it is checked against the ledger)"
-log = logging.getLogger("fedmed.ledger")
+log = logging.getLogger(__name__)
 
 
 class LedgerError(FedMedError):
@@ -57,11 +63,93 @@ class LedgerError(FedMedError):
         super().__init__(f"privacy ledger {where}: {problem}")
 
 
-def entry_hash(fields: dict[str, Any]) -> str:
+def canonical_json(fields: Mapping[str, Any]) -> str:
+    """The one JSON form of a ledger line: sorted keys, no spaces, no NaN (hashed and written)."""
+    return json.dumps(fields, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def entry_hash(fields: Mapping[str, Any]) -> str:
     """sha256 of the canonical JSON of an entry without its ``hash`` and ``signature``."""
     body = {k: v for k, v in fields.items() if k not in SIGNED_FIELDS_EXCLUDED}
-    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+    return hashlib.sha256(canonical_json(body).encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """One DP-SGD round a site ran, as its ledger line records it; every reader takes it here.
+
+    The schema only grows: a new field is optional, and its absence keeps the meaning it had
+    before the field existed; no field is renamed or given a new meaning (a writer that
+    changed what the fields mean would name a new ``mechanism``, which the auditor refuses to
+    recompute). An entry holds exactly its line: an optional field the line lacks stays None
+    and ``as_dict`` leaves it out again; keys this version does not know (a newer writer's)
+    are kept verbatim in ``extra``, used by no check, and written back, so ``to_json`` is the
+    signed line byte for byte and its hash and signature still verify.
+    """
+
+    site: str
+    run_id: str
+    round: int
+    mechanism: str
+    dataset_size: int
+    sample_rate: float
+    noise_multiplier: float
+    steps: int
+    delta: float
+    epsilon: float  # the site's lifetime epsilon after this round, at ``delta``
+    budget_epsilon: float
+    # Optional: written by every fedmed so far, but not needed to recompute epsilon.
+    timestamp: str | None = None
+    max_grad_norm: float | None = None
+    accountant: dict[str, Any] | None = None  # name, library, version[, eps_error]
+    config_hash: str | None = None
+    code_version: str | None = None
+    # The chain: set once the entry is appended (None on an entry not yet signed).
+    prev_hash: str | None = None
+    hash: str | None = None
+    signature: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict, metadata=UNREAD)  # a newer writer's
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> LedgerEntry:
+        """The entry a line's JSON object records; RecordError names a missing or bad field."""
+        return cls(**read_fields(cls, raw, "entry"), extra=unknown_keys(raw, field_names(cls)))
+
+    @classmethod
+    def from_json(cls, line: str) -> LedgerEntry:
+        """The entry of one ledger line (not verified: ``read_entries`` checks the chain)."""
+        try:
+            raw = json.loads(line)
+        except json.JSONDecodeError:
+            raise RecordError("entry is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise RecordError("entry is not a JSON object")
+        return cls.from_dict(raw)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The line's JSON object: the fields it had, and the keys kept in ``extra``."""
+        known = {name: getattr(self, name) for name in field_names(LedgerEntry)}
+        return {**self.extra, **{k: v for k, v in known.items() if v is not None}}
+
+    def to_json(self) -> str:
+        """The ledger line (without its line end), exactly as the site wrote it."""
+        return canonical_json(self.as_dict())
+
+    @property
+    def dp_steps(self) -> DPSteps:
+        """The mechanism this entry records, as the accountants compose it."""
+        return DPSteps(float(self.noise_multiplier), float(self.sample_rate), self.steps)
+
+    @property
+    def accountant_name(self) -> str:
+        """The accountant that computed ``epsilon``; without a record, Opacus' PRV (what
+        fedmed used before it recorded the accountant)."""
+        return str((self.accountant or {}).get("name", "prv"))
+
+    @property
+    def eps_error(self) -> Any:
+        """The error bound the accountant states for ``epsilon``; None when it states none."""
+        return (self.accountant or {}).get("eps_error")
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
@@ -114,6 +202,23 @@ def read_verified(path: Path, public_key: Ed25519PublicKey) -> list[dict[str, An
         entries.append(entry)
         previous = entry["hash"]
     return entries
+
+
+def parse_entries(path: Path, lines: Sequence[Mapping[str, Any]]) -> list[LedgerEntry]:
+    """The typed entries of verified ledger lines; LedgerError at the first that is not one
+    (a site cannot count what it cannot read, so it then refuses to train)."""
+    entries = []
+    for number, fields in enumerate(lines, start=1):
+        try:
+            entries.append(LedgerEntry.from_dict(fields))
+        except RecordError as err:
+            raise LedgerError(path, number, str(err)) from None
+    return entries
+
+
+def read_entries(path: Path, public_key: Ed25519PublicKey) -> list[LedgerEntry]:
+    """A site's ledger, verified (``read_verified``) and read as entries."""
+    return parse_entries(path, read_verified(path, public_key))
 
 
 def _roll_back(path: Path, size: int) -> None:
@@ -187,7 +292,7 @@ def append_entry(
     entry = {**fields, "prev_hash": prev_hash}
     entry["hash"] = entry_hash(entry)
     entry["signature"] = key.sign(entry["hash"].encode("ascii")).hex()
-    line = json.dumps(entry, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
+    line = canonical_json(entry) + "\n"
     is_new = not path.exists()
     size_before = 0 if is_new else path.stat().st_size
     try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from fedmed.config import MODULUS_RANGE, FedMedConfig, SecAggPlusConfig, sites_per_round
+from fedmed.config.schema import MODULUS_RANGE, FedMedConfig, SecAggPlusConfig, sites_per_round
 from fedmed.errors import ConfigError
 
 

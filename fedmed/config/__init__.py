@@ -1,0 +1,1 @@
+"""The run configuration: typed schema (ConfigStore) and composing conf/ with overrides."""

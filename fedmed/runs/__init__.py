@@ -1,0 +1,1 @@
+"""Whole runs: composing a config, simulation, the baselines, the Flower App entry."""
