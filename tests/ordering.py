@@ -1,14 +1,18 @@
-"""The order in which `make test` hands test files to its two workers: costliest first.
+"""The order in which `make test` hands test files to its workers: costliest first.
 
-`make test` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder``: each file runs whole
-on one worker (its module fixtures are shared) and files are handed out in collection order.
-Started first, the longest files overlap each other instead of running last on one worker while
-the other idles. Each costly file says what it costs on itself::
+`make test` runs ``pytest -n 3 --dist loadfile --no-loadscope-reorder`` on 2 cores: each file
+runs whole on one worker (its module fixtures are shared) and files are handed out in
+collection order. The suite is CPU-bound (every run starts Ray and Python processes; a
+deployed site starts one Python process per Flower message), so the third worker only fills
+what the others spend waiting (a killed SuperNode's missed heartbeats, round timeouts).
+Started first, the longest files overlap each other instead of running last on one worker
+while the others idle. Each costly file says what it costs on itself::
 
     pytestmark = [pytest.mark.slow, pytest.mark.cost(300)]
 
-so the order travels with the file through any rename; a slow file that does not say is an
-error, never a file silently moved to the end.
+in seconds: the file alone (``pytest FILE --durations=0`` on 2 cores); only the order they
+give matters. The order travels with the file through any rename; a slow file that does not
+say is an error, never a file silently moved to the end.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import pytest
 
 
 def file_costs(items: list[pytest.Item]) -> dict[Path, float]:
-    """Each file's declared ``cost`` (seconds on this 2-core machine, the file alone on one
-    worker); a usage error names every slow file that declares none or a bad one."""
+    """Each file's declared ``cost`` (seconds); a usage error names every slow file that
+    declares none, and every file that declares a bad one."""
     costs: dict[Path, float] = {}
     problems: dict[str, str] = {}
     for item in items:

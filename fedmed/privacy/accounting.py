@@ -11,6 +11,7 @@ and the coordinator and the sites' light message handlers use this module withou
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 import warnings
@@ -31,10 +32,11 @@ ACCOUNTANTS = ("prv", "rdp", "gdp")
 BUDGET_ACCOUNTANTS = ("prv", "rdp")
 # PRV reports its estimate plus an error bound ``eps_error`` (an upper bound on epsilon), which
 # Opacus takes as absolute (default 0.01: 2% at epsilon 0.5). We ask for this fraction of the
-# epsilon itself (of its RDP upper bound, which is cheap), so the recorded epsilon stays within
-# 0.3% of an independent PLD recomputation at every size. An absolute bound would have to be
-# the finest one ever needed, and PRV's mesh grows as sqrt(steps) / eps_error: the working
-# memory of a site's budget check grew 5x over a 50-round run (benchmarks/memory.py).
+# epsilon itself (of its RDP upper bound, cheap once each step's RDP curve is cached), so the
+# recorded epsilon stays within 0.3% of an independent PLD recomputation at every size. An
+# absolute bound would have to be the finest one ever needed, and PRV's mesh grows as
+# sqrt(steps) / eps_error: the working memory of a site's budget check grew 5x over a
+# 50-round run (benchmarks/memory.py).
 PRV_RELATIVE_EPS_ERROR = 0.0025
 
 
@@ -98,17 +100,51 @@ def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
+@functools.lru_cache(maxsize=64)
+def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> Any:
+    """Opacus' RDP curve (over its default orders) of one step at this noise and rate.
+
+    Opacus' RDPAccountant recomputes it, order by order, for every epsilon it is asked for
+    (the fractional orders' series are most of a PRV budget check's time); it depends on
+    these two numbers only, and ``compute_rdp(steps=n)`` is this curve times ``n``.
+    """
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    curve = compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+        orders=RDPAccountant.DEFAULT_ALPHAS,
+    )  # fmt: skip
+    curve.setflags(write=False)
+    return curve
+
+
+def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
+    """Exactly ``RDPAccountant(history).get_epsilon(delta)``: the same curves, summed over the
+    history in the same order, minimised over the same orders by Opacus."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis.rdp import get_privacy_spent
+
+    rdp = sum(_rdp_of_one_step(sigma, q) * steps for sigma, q, steps in history)
+    epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+    return float(epsilon)
+
+
+@functools.lru_cache(maxsize=256)
 def _opacus_epsilon(
-    history: list[tuple[float, float, int]], delta: float, accountant: str
+    history: tuple[tuple[float, float, int], ...], delta: float, accountant: str
 ) -> float:
+    """Cached: a budget check, the calibration and a dry run ask for the same histories."""
     from opacus.accountants import create_accountant
 
-    acc = create_accountant(mechanism=accountant)
-    acc.history = history
     with _accountant_context():
+        if accountant == "rdp":
+            return _rdp_epsilon(history, delta)
+        acc = create_accountant(mechanism=accountant)
+        acc.history = list(history)
         if accountant != "prv":
             return float(acc.get_epsilon(delta=delta))
-        eps_error = PRV_RELATIVE_EPS_ERROR * _opacus_epsilon(history, delta, "rdp")
+        eps_error = PRV_RELATIVE_EPS_ERROR * _rdp_epsilon(history, delta)
         return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
 
 
@@ -116,7 +152,7 @@ def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str
     """Epsilon after composing all ``records`` at ``delta``; 0 for no records."""
     _check_accountant(accountant)
     history = _merged(records)
-    return _opacus_epsilon(history, delta, accountant) if history else 0.0
+    return _opacus_epsilon(tuple(history), delta, accountant) if history else 0.0
 
 
 # Calibration. The planned run is ``rounds`` records of ``steps`` steps, composed by

@@ -12,7 +12,7 @@ import yaml
 
 from tests.e2e import REPO, run_fedmed
 
-pytestmark = pytest.mark.cost(65)  # seconds, alone on 2 cores
+pytestmark = pytest.mark.cost(65)  # seconds, the file alone on 2 cores
 
 
 def _kit_with(tmp_path: Path, **deployment: str) -> Path:

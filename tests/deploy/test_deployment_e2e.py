@@ -33,7 +33,7 @@ from fedmed.kits.server import load_server_kit
 from fedmed.privacy.ledger import load_public_key, read_verified
 from tests.e2e import REPO
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(300)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(510)]  # seconds, the file alone on 2 cores
 SITES = ("cleveland", "hungary", "switzerland", "va")
 ROGUE = "rogue"  # registered under its own name; its SuperNode says it is VA
 # A stage waits at most this long for a reply (VA's crash is reported well before: its

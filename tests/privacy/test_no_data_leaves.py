@@ -26,7 +26,7 @@ from fedmed.runs.compose import compose_config
 from fedmed.runs.simulation import simulate
 from fedmed.train import get_weights
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(100)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(55)]  # seconds, the file alone on 2 cores
 
 EVALUATE_METRIC_KEYS = {"site", "num_examples", "loss_sum", "correct", "hist_pos", "hist_neg"}
 # SecAgg+ replies: public keys, encrypted key shares, the masked vector, unmasking shares.

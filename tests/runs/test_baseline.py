@@ -8,7 +8,7 @@ import pytest
 
 from tests.e2e import read_summary, run_fedmed
 
-pytestmark = pytest.mark.cost(30)  # seconds, alone on 2 cores
+pytestmark = pytest.mark.cost(30)  # seconds, the file alone on 2 cores
 
 
 @pytest.mark.parametrize("model", ["svm", "logreg"])

@@ -17,7 +17,7 @@ from fedmed.privacy.ledger import load_public_key, read_verified
 from fedmed.process_tree import command_line, descendants
 from tests.e2e import REPO, read_summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(80)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(60)]  # seconds, the file alone on 2 cores
 SITES = ("cleveland", "hungary", "switzerland", "va")
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e import REPO, read_summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(30)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(55)]  # seconds, the file alone on 2 cores
 
 
 def _superlink_pids(flwr_home: Path) -> list[int]:

@@ -16,7 +16,7 @@ import torch
 from fedmed.coordinator.checkpoint import CHECKPOINT_FILE
 from tests.e2e import REPO, read_summary, run_fedmed
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(100)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(80)]  # seconds, the file alone on 2 cores
 # FedAdam: the resumed run must also restore the server optimiser's moments.
 RUN = ["dataset=heart", "model=svm", "strategy=fedadam", "federation.rounds=4"]
 

@@ -26,7 +26,7 @@ import yaml
 
 from tests.e2e import REPO, read_summary
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(90)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(90)]  # seconds, the file alone on 2 cores
 
 VERSION_LINE = "fedmed 0.1.0 (installed package)"
 # What the installed fedmed reports about itself (run by the venv's interpreter).

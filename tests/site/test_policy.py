@@ -32,7 +32,7 @@ from fedmed.site.gate import make_secure_aggregation_mod
 from fedmed.train import get_weights
 from tests.e2e import REPO
 
-pytestmark = pytest.mark.cost(45)  # seconds, alone on 2 cores
+pytestmark = pytest.mark.cost(45)  # seconds, the file alone on 2 cores
 
 SITES = ("cleveland", "hungary", "switzerland", "va")
 BUDGETS = {"cleveland": 4.0, "hungary": 4.0, "switzerland": 2.0, "va": 3.0}  # sites/*.yaml

@@ -15,7 +15,7 @@ import pytest
 
 from tests.e2e import read_summary, run_fedmed
 
-pytestmark = [pytest.mark.slow, pytest.mark.cost(40)]  # seconds, alone on 2 cores
+pytestmark = [pytest.mark.slow, pytest.mark.cost(50)]  # seconds, the file alone on 2 cores
 SITES = ("cleveland", "hungary", "switzerland", "va")
 BUDGETS = {"cleveland": 4.0, "hungary": 4.0, "switzerland": 2.0, "va": 3.0}  # sites/*.yaml
 
