@@ -13,6 +13,7 @@ import yaml
 from fedmed.config.schema import FedMedConfig
 from fedmed.data import resolve_path
 from fedmed.runs.compose import compose_config
+from tests.figures import Saved, spy_on_saved_figures
 from tests.ordering import order_by_cost
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,12 @@ HEART_FILES = {
     "switzerland": "bundled:heart_disease/processed.switzerland.data",
     "va": "bundled:heart_disease/processed.va.data",
 }
+
+
+@pytest.fixture
+def saved_figures(monkeypatch: pytest.MonkeyPatch) -> list[Saved]:
+    """Every figure saved during the test, as it was drawn (``tests.figures.Saved``)."""
+    return spy_on_saved_figures(monkeypatch)
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from fedmed.audit.verify import (
 )
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
-from fedmed.plots import chart
+from fedmed.plots import panels
 from fedmed.privacy.budget import MECHANISM
 
 STATEMENT = "privacy_statement"
@@ -104,36 +104,26 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
-    """Lifetime epsilon after each of a site's trained rounds, against its budget."""
+    """Lifetime epsilon after each of a site's trained rounds, recorded and recomputed, against
+    its budget: one panel per site (sites on the same target draw the same curves)."""
+    shown = [a for a in audits if a.entries]
     buffer = io.BytesIO()
-    with chart(
+    with panels(
         buffer,
+        [str(a.site) for a in shown],
         xlabel="trained round in the site's ledger (all runs)",
-        ylabel="lifetime epsilon (dashed: budget)",
+        ylabel="lifetime epsilon",
         integer_x=True,
-        figsize=(8, 4.2),
-        dpi=110,
-        legend={"fontsize": 7, "ncol": 2},
-    ) as ax:
-        for i, audit in enumerate(a for a in audits if a.entries):
-            color = f"C{i % 10}"
+    ) as axes:
+        for ax, audit in zip(axes, shown, strict=True):
             x = [e.line for e in audit.entries]
-            ax.plot(
-                x,
-                [e.recorded_epsilon for e in audit.entries],
-                "o-",
-                color=color,
-                label=f"{audit.site} (recorded)",
-            )
-            ax.plot(
-                x,
-                [e.pld_epsilon for e in audit.entries],
-                "x:",
-                color=color,
-                label=f"{audit.site} (independent PLD)",
-            )
-            ax.axhline(audit.entries[-1].budget_epsilon, color=color, ls="--", lw=1)
-        ax.set_ylim(bottom=0)
+            ax.plot(x, [e.recorded_epsilon for e in audit.entries], "o-", color="C0",
+                    label="recorded by the site")  # fmt: skip
+            ax.plot(x, [e.pld_epsilon for e in audit.entries], "x:", color="C1",
+                    label="independent PLD")  # fmt: skip
+            ax.axhline(audit.entries[-1].budget_epsilon, color="C3", ls="--", lw=1,
+                       label="budget")  # fmt: skip
+            ax.set_ylim(bottom=0)
     return buffer.getvalue()
 
 
@@ -148,7 +138,7 @@ def _threat_model(summary: dict[str, Any] | None) -> str:
         return (
             "**Secure aggregation was off.** The coordinator saw each site's model update in "
             "the clear. Differential privacy still bounds what any update reveals about one "
-            "record, at the epsilon below."
+            "record, at each site's epsilon in the tables above."
         )
     dropped = (
         ", ".join(
@@ -173,8 +163,8 @@ def _threat_model(summary: dict[str, Any] | None) -> str:
         f"{secure['quantization_range']}, max quantization error "
         f"{secure.get('max_quantization_error')}.\n"
         f"- Dropouts: {dropped}. Failed rounds: {failed}.\n\n"
-        "Secure aggregation hides individual updates from the coordinator; the epsilon below "
-        "does not rely on it (each site's DP holds even if its update were seen)."
+        "Secure aggregation hides individual updates from the coordinator; the epsilons in "
+        "the tables above do not rely on it (each site's DP holds even if its update were seen)."
     )
 
 

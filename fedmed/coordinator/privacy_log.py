@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedmed.config.schema import FedMedConfig
-from fedmed.plots import chart
+from fedmed.plots import panels
 from fedmed.privacy.accounting import accountant_record
 from fedmed.privacy.budget import MECHANISM, dp_config
 from fedmed.protocol import FitReport
@@ -189,31 +189,17 @@ class PrivacyLog:
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path) -> None:
-        """Epsilon per site over rounds, each against its budget (dashed)."""
-        with chart(
-            path,
-            xlabel="round (x: site declined)",
-            ylabel="lifetime epsilon (dashed: budget)",
-            title="privacy spend per site",
-            integer_x=True,
-        ) as ax:
-            for site in sorted(self.sites):
+        """Epsilon over rounds, one panel per site (sites on the same target draw the same
+        curve), each against its budget (dashed); x: a round the site declined."""
+        sites = sorted(self.sites)
+        with panels(path, sites, xlabel="round", ylabel="lifetime epsilon", integer_x=True) as axes:
+            for ax, site in zip(axes, sites, strict=True):
                 spends = [s for s in self.spends if s.site == site]
-                line = ax.plot(
-                    [s.round for s in spends], [s.epsilon for s in spends], marker="o", label=site
-                )[0]
-                ax.axhline(
-                    self.sites[site]["budget_epsilon"],
-                    color=line.get_color(),
-                    linestyle="--",
-                    linewidth=1,
-                )
+                ax.plot([s.round for s in spends], [s.epsilon for s in spends], "o-",
+                        color="C0", label="lifetime epsilon")  # fmt: skip
+                ax.axhline(self.sites[site]["budget_epsilon"], color="C3", ls="--", lw=1,
+                           label="budget")  # fmt: skip
                 declined = [s for s in spends if s.declined]
-                ax.scatter(
-                    [s.round for s in declined],
-                    [s.epsilon for s in declined],
-                    marker="x",
-                    s=80,
-                    color=line.get_color(),
-                )
-            ax.set_ylim(bottom=0.0)
+                ax.scatter([s.round for s in declined], [s.epsilon for s in declined],
+                           marker="x", s=80, color="C3", label="declined")  # fmt: skip
+                ax.set_ylim(bottom=0.0)

@@ -7,7 +7,8 @@ delta is caught by the recomputation, in both directions; a deleted or tail-trun
 fails against the coordinator's receipts and the site's high-water mark, and the site refuses
 to train on it (one second, one-round run on copies of the ledgers); the report takes the
 auditor's keys and tells this run's entries from the lifetime context; the statement renders in
-headless Chromium; dry-run predicts the ledgers exactly and reads them without writing.
+headless Chromium, its plot with a clear panel per site; dry-run predicts the ledgers exactly
+and reads them without writing.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import numpy as np
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fedmed.audit.verify import TOLERANCE, verify_ledger
+from fedmed.audit.report import epsilon_plot_png
+from fedmed.audit.verify import TOLERANCE, verify_all, verify_ledger
 from fedmed.privacy.ledger import HighWaterMark, append_entry, read_verified, write_mark
 from tests.e2e import read_summary, run_fedmed
+from tests.figures import Saved, assert_one_clear_panel_per_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(230)]  # seconds, the file alone on 2 cores
 ROUNDS = 5
@@ -363,6 +366,18 @@ def test_the_privacy_statement_renders_in_headless_chromium(dp_run: Path, tmp_pa
     # the page itself uses only greys, so blue pixels mean the embedded image rendered.
     blue = (np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 40).sum()
     assert blue > 100
+
+
+def test_the_statements_plot_gives_each_site_a_clear_panel(
+    dp_run: Path, saved_figures: list[Saved]
+) -> None:
+    """The four sites calibrate to the same target, so their curves coincide: on one shared
+    axes an auditor saw only VA's line, under the legend."""
+    ledgers = sorted((dp_run / "ledgers").glob("*.ledger.jsonl"))
+    epsilon_plot_png(verify_all(ledgers))
+    [saved] = saved_figures
+    assert_one_clear_panel_per_site(saved, sorted(SITES))
+    assert saved.lines == [3] * len(SITES)  # recorded, independent PLD, budget
 
 
 def test_dry_run_predicts_the_ledgers_and_writes_nothing(dp_run: Path, tmp_path: Path) -> None:
