@@ -31,7 +31,7 @@ browser:
 		echo "WARNING: could not install chromium; the HTML rendering test will be skipped"; }
 
 test: $(STAMP) browser
-	$(BIN)/python -m pytest -q -rs --durations=15 -n 3 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -rs --durations=15 -n 2 --dist loadfile --no-loadscope-reorder
 
 lint: $(STAMP)
 	$(BIN)/ruff check fedmed tests benchmarks

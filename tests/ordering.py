@@ -1,12 +1,11 @@
 """The order in which `make test` hands test files to its workers: costliest first.
 
-`make test` runs ``pytest -n 3 --dist loadfile --no-loadscope-reorder`` on 2 cores: each file
+`make test` runs ``pytest -n 2 --dist loadfile --no-loadscope-reorder`` on 2 cores: each file
 runs whole on one worker (its module fixtures are shared) and files are handed out in
 collection order. The suite is CPU-bound (every run starts Ray and Python processes; a
-deployed site starts one Python process per Flower message), so the third worker only fills
-what the others spend waiting (a killed SuperNode's missed heartbeats, round timeouts).
-Started first, the longest files overlap each other instead of running last on one worker
-while the others idle. Each costly file says what it costs on itself::
+deployed site starts one Python process per Flower message): one worker per core (a third
+one starved single runs past their timeouts in CI). Started first, the longest files overlap
+each other instead of running last on one worker while the others idle. Each costly file says what it costs on itself::
 
     pytestmark = [pytest.mark.slow, pytest.mark.cost(300)]
 
