@@ -92,17 +92,23 @@ def print_privacy(summary: dict[str, Any]) -> None:
         return
     acc = run["accountant"]
     print(
-        f"privacy: DP-SGD, unit = {run['unit']}; accountant {acc['library']} {acc['version']} "
-        f"{acc['name']}; max_grad_norm {run['max_grad_norm']}"
+        f"privacy: DP-SGD on training records, noisy counts on test records; unit = "
+        f"{run['unit']}; accountant {acc['library']} {acc['version']} {acc['name']}; "
+        f"max_grad_norm {run['max_grad_norm']}"
     )
     for name, site in summary["sites"].items():
         p = site.get("privacy")
         if not p:
             continue
         declined = f", declined rounds {p['declined_rounds']}" if p["declined_rounds"] else ""
+        if p.get("evaluation_declined_rounds"):
+            declined += f", declined evaluations {p['evaluation_declined_rounds']}"
+        splits = [f"training {p['epsilon']:.4f}"] if "epsilon" in p else []
+        if "evaluation_epsilon" in p:
+            splits.append(f"evaluation {p['evaluation_epsilon']:.4f}")
         print(
-            f"  {name}: epsilon {p['epsilon']:.4f} of budget {p['budget_epsilon']:g} "
-            f"(delta {p['delta']:g}){declined}; ledger {p['ledger']}"
+            f"  {name}: epsilon {p['record_epsilon']:.4f} ({', '.join(splits)}) of budget "
+            f"{p['budget_epsilon']:g} (delta {p['delta']:g}){declined}; ledger {p['ledger']}"
         )
 
 

@@ -1,8 +1,13 @@
 """Evaluation statistics that sites can share: counts, loss sums and score histograms.
 
-Sites never send per-record predictions. For binary tasks each site sends a histogram of its
-decision margins per true class; summed histograms give the AUC of the union of all test
-splits, exact up to ties inside one bin (bin width 0.01 in logit space).
+Sites never send per-record predictions. Without DP, for binary tasks each site sends a
+histogram of its decision margins per true class; summed histograms give the AUC of the
+union of all test splits, exact up to ties inside one bin (bin width 0.01 in logit space).
+Under DP a site releases only ``released_counts``: a few counts in which each test record
+is counted exactly once (coarse margin bins per class; for other tasks right and wrong), so
+one record changes the vector by 1 in L2 and the Gaussian mechanism's noise stays small
+beside the counts. ``stats_from_counts`` turns the sum of the sites' noisy counts into
+figures (post-processing: no further privacy cost).
 """
 
 from __future__ import annotations
@@ -13,6 +18,11 @@ import numpy as np
 
 HIST_RANGE = 16.0
 HIST_BINS = 3200
+# Edges of the coarse margin bins a DP site releases (logit margin; 0 is the decision
+# threshold, so accuracy, sensitivity and specificity at it are sums of whole bins). Each edge
+# is an edge of the fine histogram, so the coarse counts are sums of its bins.
+RELEASED_MARGIN_EDGES = (-4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0)
+RELEASED_BINS = len(RELEASED_MARGIN_EDGES) + 1
 
 
 def margin_histogram(margins: np.ndarray) -> np.ndarray:
@@ -24,12 +34,24 @@ def margin_histogram(margins: np.ndarray) -> np.ndarray:
 
 def auc_from_histograms(pos: np.ndarray, neg: np.ndarray) -> float | None:
     """ROC AUC from per-class score histograms (ties within a bin count one half)."""
-    total_pos, total_neg = int(pos.sum()), int(neg.sum())
-    if total_pos == 0 or total_neg == 0:
+    total_pos, total_neg = float(pos.sum()), float(neg.sum())
+    if total_pos <= 0 or total_neg <= 0:
         return None
     neg_below = np.concatenate([[0], np.cumsum(neg)[:-1]])
     wins = float((pos * neg_below).sum() + 0.5 * (pos * neg).sum())
     return wins / (total_pos * total_neg)
+
+
+def _coarse(fine: np.ndarray) -> np.ndarray:
+    """The fine histogram's counts summed into the released bins."""
+    width = 2 * HIST_RANGE / HIST_BINS
+    cuts = [round((edge + HIST_RANGE) / width) for edge in RELEASED_MARGIN_EDGES]
+    return np.add.reduceat(fine.astype(np.float64), [0, *cuts])
+
+
+def _above_threshold(bins: int = RELEASED_BINS) -> np.ndarray:
+    """Which released bins hold margins at or above the decision threshold 0."""
+    return np.arange(bins) >= RELEASED_MARGIN_EDGES.index(0.0) + 1
 
 
 def _sum_histograms(histograms: list[np.ndarray | None]) -> np.ndarray:
@@ -38,16 +60,22 @@ def _sum_histograms(histograms: list[np.ndarray | None]) -> np.ndarray:
 
 @dataclass
 class EvalStats:
-    """Sufficient statistics of one evaluation; ``merge`` sums them across sites."""
+    """Sufficient statistics of one evaluation; ``merge`` sums them across sites.
+
+    From a DP release (``stats_from_counts``) the counts are noisy floats, the histograms
+    are the coarse released bins and there is no loss (``loss_sum`` None: not released).
+    """
 
     num_examples: int
-    loss_sum: float
-    correct: int
+    loss_sum: float | None
+    correct: float
     hist_pos: np.ndarray | None = None
     hist_neg: np.ndarray | None = None
 
     @property
-    def loss(self) -> float:
+    def loss(self) -> float | None:
+        if self.loss_sum is None:
+            return None
         return self.loss_sum / max(self.num_examples, 1)
 
     @property
@@ -63,9 +91,10 @@ class EvalStats:
     @staticmethod
     def merge(parts: list[EvalStats]) -> EvalStats:
         binary = all(p.hist_pos is not None and p.hist_neg is not None for p in parts)
+        losses = [p.loss_sum for p in parts]
         return EvalStats(
             num_examples=sum(p.num_examples for p in parts),
-            loss_sum=sum(p.loss_sum for p in parts),
+            loss_sum=None if None in losses else sum(x for x in losses if x is not None),
             correct=sum(p.correct for p in parts),
             hist_pos=_sum_histograms([p.hist_pos for p in parts]) if binary and parts else None,
             hist_neg=_sum_histograms([p.hist_neg for p in parts]) if binary and parts else None,
@@ -73,10 +102,11 @@ class EvalStats:
 
     def to_metrics(self) -> dict[str, int | float | bytes]:
         """Flower metrics record: only aggregate counts leave the site."""
+        assert self.loss_sum is not None, "a DP release is sent as released counts"
         out: dict[str, int | float | bytes] = {
             "num_examples": self.num_examples,
             "loss_sum": float(self.loss_sum),
-            "correct": self.correct,
+            "correct": int(self.correct),
         }
         if self.hist_pos is not None and self.hist_neg is not None:
             out["hist_pos"] = self.hist_pos.astype(np.int64).tobytes()
@@ -93,3 +123,29 @@ class EvalStats:
             hist_pos=np.frombuffer(pos, dtype=np.int64) if isinstance(pos, bytes) else None,
             hist_neg=np.frombuffer(neg, dtype=np.int64) if isinstance(neg, bytes) else None,
         )
+
+
+def released_counts(stats: EvalStats) -> np.ndarray:
+    """The counts a DP site releases about its test split, each record in exactly one:
+    binary tasks, the coarse margin bins of the positives then of the negatives; other
+    tasks, [right, wrong]."""
+    if stats.hist_pos is not None and stats.hist_neg is not None:
+        return np.concatenate([_coarse(stats.hist_pos), _coarse(stats.hist_neg)])
+    return np.array([stats.correct, stats.num_examples - stats.correct], dtype=np.float64)
+
+
+def stats_from_counts(counts: np.ndarray, num_examples: int) -> EvalStats:
+    """Figures from (summed, noisy) released counts and the public number of test records.
+
+    Post-processing only: negative noisy bins count as empty for the AUC, and the count of
+    right answers is kept within [0, num_examples].
+    """
+    if len(counts) == 2 * RELEASED_BINS:
+        pos, neg = counts[:RELEASED_BINS], counts[RELEASED_BINS:]
+        above = _above_threshold()
+        right = float(pos[above].sum() + neg[~above].sum())
+        hists = np.clip(pos, 0.0, None), np.clip(neg, 0.0, None)
+        return EvalStats(num_examples, None, min(max(right, 0.0), num_examples), *hists)
+    if len(counts) != 2:
+        raise ValueError(f"{len(counts)} released counts: expected 2 or {2 * RELEASED_BINS}")
+    return EvalStats(num_examples, None, min(max(float(counts[0]), 0.0), num_examples))

@@ -1,7 +1,10 @@
 """Every name that crosses the wire between a site and the coordinator, in one place.
 
 Both sides import these, so no key is typed twice: the site builds its replies with them and
-the coordinator reads the replies with them. Besides model arrays a site sends only typed
+the coordinator reads the replies with them. ``RELEASES`` is the inventory of every value a
+site sends, each declared a model update, a private statistic (a DP mechanism recorded in
+the site's ledger before it leaves), public metadata, a protocol field, or an exact
+statistic that only ``privacy=none`` sends. Besides model arrays a site sends only typed
 reports: ``FitReport`` (with a ``PrivacyReport`` under DP) and ``EvaluateReport``;
 ``to_metrics`` gives the metrics record the site sends and ``from_metrics`` reads one back,
 raising ``RecordError`` (naming the key) for a reply that is not such a report. SecAgg+'s
@@ -17,18 +20,22 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
+import numpy as np
 from flwr.common import Scalar
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from fedmed.metrics import EvalStats
+from fedmed.privacy.mechanisms import DP_SGD, EVALUATION_COUNTS
 from fedmed.records import RecordError, field_names, read_fields
 
 __all__ = [
     "FIT_METRIC_KEYS",
     "PRIVACY_METRIC_KEYS",
     "RECORD_KEY_CONFIGS",
+    "RELEASES",
     "SITE_KEY",
     "SITE_RECORD",
     "EvaluateReport",
@@ -36,12 +43,15 @@ __all__ = [
     "Key",
     "PrivacyReport",
     "RecordError",
+    "Release",
     "Stage",
 ]
 
 # The record the site's gate adds to each SecAgg+ reply, so a dropout can be named by site.
 SITE_RECORD = "fedmed.site"
 SITE_KEY = "site"  # the site's name: in SITE_RECORD and in every metrics record a site sends
+NUM_EXAMPLES_KEY = "num_examples"
+NOISY_COUNTS_KEY = "noisy_counts"  # a DP evaluation's released counts (float64 bytes)
 
 
 @dataclass(frozen=True)
@@ -94,26 +104,112 @@ class FitReport:
 
 @dataclass(frozen=True)
 class EvaluateReport:
-    """What a site sends after evaluating the global model: its name and aggregate counts."""
+    """What a site sends after evaluating the global model: its name and aggregate counts.
+
+    Without DP: the exact ``stats``. With DP: the test split's size (public) and
+    ``noisy_counts``, the Gaussian mechanism's output, with the ``privacy`` report of the
+    release (its ledger entry), or only the report when the site declined to evaluate.
+    """
 
     site: str
-    stats: EvalStats
+    stats: EvalStats | None = None
+    num_examples: int = 0
+    noisy_counts: np.ndarray | None = None
+    privacy: PrivacyReport | None = None
 
     def to_metrics(self) -> dict[str, Scalar]:
-        return {SITE_KEY: self.site, **self.stats.to_metrics()}
+        if self.stats is not None:
+            return {SITE_KEY: self.site, **self.stats.to_metrics()}
+        out: dict[str, Scalar] = {SITE_KEY: self.site, NUM_EXAMPLES_KEY: self.num_examples}
+        if self.noisy_counts is not None:
+            out[NOISY_COUNTS_KEY] = self.noisy_counts.astype(np.float64).tobytes()
+        if self.privacy is not None:
+            out.update(self.privacy.to_metrics())
+        return out
 
     @classmethod
     def from_metrics(cls, metrics: Mapping[str, Any]) -> EvaluateReport:
         site = read_fields(cls, metrics, "evaluate report")[SITE_KEY]
+        if "epsilon" in metrics:
+            return cls._private(site, metrics)
         try:
             stats = EvalStats.from_metrics(dict(metrics))
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError(f"evaluate report: unreadable counts ({exc!r:.80})") from None
         return cls(site, stats)
 
+    @classmethod
+    def _private(cls, site: str, metrics: Mapping[str, Any]) -> EvaluateReport:
+        privacy = PrivacyReport(**read_fields(PrivacyReport, metrics, "evaluate report"))
+        fields = read_fields(cls, metrics, "evaluate report")
+        raw = metrics.get(NOISY_COUNTS_KEY)
+        counts = None
+        if raw is not None:
+            if not isinstance(raw, bytes) or len(raw) % 8:
+                raise RecordError(f"evaluate report: '{NOISY_COUNTS_KEY}' is not float64 bytes")
+            counts = np.frombuffer(raw, dtype=np.float64)
+            if not np.isfinite(counts).all():
+                raise RecordError(f"evaluate report: '{NOISY_COUNTS_KEY}' is not finite")
+        if counts is None and privacy.declined is None:
+            raise RecordError(f"evaluate report lacks {NOISY_COUNTS_KEY}")
+        return cls(site, None, int(fields.get(NUM_EXAMPLES_KEY, 0)), counts, privacy)
+
+    @property
+    def declined(self) -> str | None:
+        """The site's reason when it declined to evaluate (its budget); None otherwise."""
+        return self.privacy.declined if self.privacy is not None else None
+
 
 FIT_METRIC_KEYS = field_names(FitReport)  # site, num_examples, train_loss
 PRIVACY_METRIC_KEYS = field_names(PrivacyReport)
+
+
+class Release(StrEnum):
+    """What a value a site sends is, for its privacy."""
+
+    MODEL_UPDATE = "model update: DP-SGD under privacy=dp, in the ledger before it leaves"
+    PRIVATE_STATISTIC = "private statistic: a Gaussian mechanism, in the ledger before it leaves"
+    PUBLIC = "public metadata: no function of a record beyond the split sizes"
+    PROTOCOL = "protocol field: Flower's or SecAgg+'s own, or a constant"
+    EXACT = "exact statistic: sent only with privacy=none (no guarantee is claimed)"
+
+
+_ACCOUNTING = {key: Release.PUBLIC for key in PRIVACY_METRIC_KEYS}  # of public parameters
+# Every value any reply of a site holds: {record name in the reply: {key: what it is}}, and
+# per private release its mechanism. A value not listed here must never leave a site.
+RELEASES: dict[str, dict[str, Release]] = {
+    "fitres.parameters": {"*": Release.MODEL_UPDATE},  # the delta's arrays (mechanism DP_SGD)
+    "fitres.metrics": {
+        SITE_KEY: Release.PUBLIC,
+        NUM_EXAMPLES_KEY: Release.PUBLIC,  # training split size (also FedAvg's weight)
+        "train_loss": Release.EXACT,
+        **_ACCOUNTING,
+    },
+    "fitres.num_examples": {NUM_EXAMPLES_KEY: Release.PUBLIC},
+    "fitres.status": {"code": Release.PROTOCOL, "message": Release.PROTOCOL},
+    "evaluateres.metrics": {
+        SITE_KEY: Release.PUBLIC,
+        NUM_EXAMPLES_KEY: Release.PUBLIC,  # test split size
+        NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,
+        **_ACCOUNTING,
+        "loss_sum": Release.EXACT,
+        "correct": Release.EXACT,
+        "hist_pos": Release.EXACT,
+        "hist_neg": Release.EXACT,
+    },
+    # Flower's required loss field: the exact loss with privacy=none, the constant 0.0 with DP.
+    "evaluateres.loss": {"loss": Release.PROTOCOL},
+    "evaluateres.num_examples": {NUM_EXAMPLES_KEY: Release.PUBLIC},
+    "evaluateres.status": {"code": Release.PROTOCOL, "message": Release.PROTOCOL},
+    # SecAgg+: public keys, encrypted key shares, the masked update vector, unmask shares.
+    "secaggplus_configs": {
+        **{key: Release.PROTOCOL for key in ("pk1", "pk2", "ctxts", "dsts", "nids", "shares")},
+        "masked_params": Release.MODEL_UPDATE,
+    },
+    SITE_RECORD: {SITE_KEY: Release.PUBLIC},
+}
+# The mechanism behind each kind of private release (its ledger entry's ``mechanism``).
+MECHANISM_OF = {Release.MODEL_UPDATE: DP_SGD, Release.PRIVATE_STATISTIC: EVALUATION_COUNTS}
 
 
 def _present(report: object, keys: tuple[str, ...]) -> dict[str, Scalar]:

@@ -5,7 +5,8 @@ runs whole on one worker (its module fixtures are shared) and files are handed o
 collection order. The suite is CPU-bound (every run starts Ray and Python processes; a
 deployed site starts one Python process per Flower message): one worker per core (a third
 one starved single runs past their timeouts in CI). Started first, the longest files overlap
-each other instead of running last on one worker while the others idle. Each costly file says what it costs on itself::
+each other instead of running last on one worker while the others idle. Each costly file
+says what it costs on itself::
 
     pytestmark = [pytest.mark.slow, pytest.mark.cost(300)]
 

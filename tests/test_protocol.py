@@ -110,9 +110,8 @@ def test_the_coordinator_refuses_an_unreadable_report_and_names_the_site(tmp_pat
     weights = [np.zeros(3, dtype=np.float32)]
     cfg = compose_config(["dataset=heart", "model=svm"])
     recorder = RunRecorder(cfg, tmp_path, 3)
-    strategy = FederatedStrategy(
-        build_strategy(cfg, 3, ndarrays_to_parameters(weights)), recorder, min_sites=2
-    )
+    inner = build_strategy(cfg, 3, ndarrays_to_parameters(weights))
+    strategy = FederatedStrategy(inner, recorder, min_sites=2, evaluation_rounds=[1])
     strategy.global_weights = weights
 
     def reply(metrics: dict[str, Any]) -> tuple[None, FitRes]:

@@ -4,10 +4,12 @@ For each site: its policy from its kit exactly as the site derives it (``fedmed.
 a simulated site without a kit gets the generated one), whether it would refuse the run, its
 training-record count (the only thing read from its data), the noise the site would use
 (explicit, or calibrated exactly as the site calibrates it), the steps per round of its
-Poisson loader, and what its own ledger has already spent. The site's budget rule
+Poisson loader, and what its own ledger has already spent, per split. The site's budget rule
 (``fedmed.privacy.budget.decide``, with the kit's cap on one run) is then applied round by
-round, with the same accountant, without writing anything. Every site is assumed to be
-sampled every round (the worst case for budgets).
+round, with the same accountant, without writing anything: to each round's training, and to
+each evaluation (``federation.evaluate_every``) on the test split, with the evaluation noise
+the site would calibrate. Every site is assumed to be sampled every round (the worst case
+for budgets).
 """
 
 from __future__ import annotations
@@ -17,13 +19,15 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config.schema import FedMedConfig, sites_per_round
+from fedmed.config.schema import FedMedConfig, evaluation_rounds, sites_per_round
 from fedmed.data import load_site, num_sites, site_kit
 from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
-from fedmed.privacy.budget import check_delta, decide, dp_config, site_policy
+from fedmed.privacy.budget import SitePolicy, check_delta, decide, dp_config, site_policy
 from fedmed.privacy.dp_sgd import poisson_plan, run_noise_multiplier
+from fedmed.privacy.evaluation import evaluation_noise_multiplier, evaluation_steps
 from fedmed.privacy.ledger import (
+    LedgerEntry,
     load_public_key,
     mark_path,
     mark_problem,
@@ -31,6 +35,7 @@ from fedmed.privacy.ledger import (
     read_mark,
     read_verified,
 )
+from fedmed.privacy.mechanisms import EVALUATION, TRAIN
 from fedmed.site.policy import SiteRuntime, SiteSetup, check_noise, check_run, site_setup
 from fedmed.train import TrainSettings
 
@@ -55,9 +60,16 @@ class SiteProjection:
     declines_from_round: int | None = None
     reason: str = ""
     refuses: str = ""  # the site would refuse the run (its kit owns what the run changes)
+    # The test split: each evaluation is one Gaussian release of its counts.
+    test_records: int = 0
+    evaluation_noise_multiplier: float = 0.0
+    evaluation_spent_epsilon: float = 0.0
+    evaluation_epsilon_by_round: dict[int, float] = field(default_factory=dict)
+    evaluation_declines_from_round: int | None = None
+    evaluation_reason: str = ""
 
 
-def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[DPSteps]:
+def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[LedgerEntry]:
     """What the site's ledger already holds (verified, read only); nothing for a new ledger.
 
     A ledger that is missing, cut short or replaced against the site's high-water mark is
@@ -72,7 +84,7 @@ def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[DPSteps]:
     problem = mark_problem(ledger, mark, entries, mark_file) if mark is not None else None
     if mark is not None and problem is not None:
         raise SiteError(mark.site, f"ledger {ledger} {problem}")
-    return [e.dp_steps for e in parse_entries(ledger, entries)]
+    return parse_entries(ledger, entries)
 
 
 def _setup(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -> SiteSetup:
@@ -104,8 +116,10 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
         policy = site_policy(setup.kit)
     except SiteError as err:
         return _refused(setup.name, str(err))
-    records = len(load_site(cfg, index).y_train)
+    data = load_site(cfg, index)
+    records, test_records = len(data.y_train), len(data.y_test)
     check_delta(policy.site, policy.delta, records)
+    check_delta(policy.site, policy.delta, test_records, records="test")
     sigma = run_noise_multiplier(cfg, policy, records)
     try:
         check_noise(setup, cfg, sigma)
@@ -114,9 +128,12 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
     settings = TrainSettings.from_config(cfg)
     plan = poisson_plan(records, settings.batch_size, settings.epochs, sigma)
     try:
-        spent = _spent(policy.ledger, policy.public_key, mark_path(policy.signing_key))
+        entries = _spent(policy.ledger, policy.public_key, mark_path(policy.signing_key))
     except SiteError as err:
         return _refused(setup.name, str(err))
+    spent = [e.dp_steps for e in entries if e.split_name == TRAIN]
+    evaluated = [e.dp_steps for e in entries if e.split_name == EVALUATION]
+    evaluation_sigma = evaluation_noise_multiplier(cfg, policy)
     projection = SiteProjection(
         site=policy.site,
         records=records,
@@ -128,6 +145,9 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
         sample_rate=plan.sample_rate,
         steps_per_round=plan.steps,
         accountant=policy.accountant,
+        test_records=test_records,
+        evaluation_noise_multiplier=evaluation_sigma,
+        evaluation_spent_epsilon=cumulative_epsilon(evaluated, policy.delta, policy.accountant),
     )
     this_run: list[DPSteps] = []
     for server_round in range(1, cfg.federation.rounds + 1):
@@ -138,7 +158,24 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
             projection.declines_from_round = server_round
             projection.reason = decision.reason
         projection.epsilon_by_round.append(decision.epsilon)
+    _project_evaluations(projection, cfg, policy, evaluated)
     return projection
+
+
+def _project_evaluations(
+    projection: SiteProjection, cfg: FedMedConfig, policy: SitePolicy, spent: list[DPSteps]
+) -> None:
+    """The site's budget rule on each planned evaluation of its test split."""
+    release = evaluation_steps(projection.evaluation_noise_multiplier)
+    this_run: list[DPSteps] = []
+    for server_round in evaluation_rounds(cfg):
+        decision = decide(spent, release, policy, this_run, EVALUATION)
+        if decision.train:
+            spent, this_run = [*spent, release], [*this_run, release]
+        elif projection.evaluation_declines_from_round is None:
+            projection.evaluation_declines_from_round = server_round
+            projection.evaluation_reason = decision.reason
+        projection.evaluation_epsilon_by_round[server_round] = decision.epsilon
 
 
 def run_ends_at(projections: list[SiteProjection], cfg: FedMedConfig) -> int | None:
@@ -183,11 +220,36 @@ def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> s
             f"{p.steps_per_round:>9}{p.spent_epsilon:>8.4f}{p.budget_epsilon:>8g}"
             f"{p.epsilon_by_round[-1]:>13.4f}  {declines}"
         )
+    evaluations = evaluation_rounds(cfg)
+    lines.append(
+        f"evaluations after round(s) {', '.join(map(str, evaluations))} "
+        "(federation.evaluate_every), each a Gaussian release of the test split's counts:"
+    )
+    lines.append(
+        f"{'site':<14}{'records':>8}{'noise':>8}{'spent':>8}{'budget':>8}"
+        f"{f'after {len(evaluations)} evals':>15}  declines"
+    )
+    for p in projections:
+        if p.refuses:
+            continue
+        first = p.evaluation_declines_from_round
+        lines.append(
+            f"{p.site:<14}{p.test_records:>8}{p.evaluation_noise_multiplier:>8.4f}"
+            f"{p.evaluation_spent_epsilon:>8.4f}{p.budget_epsilon:>8g}"
+            f"{p.evaluation_epsilon_by_round[evaluations[-1]]:>15.4f}  "
+            + (f"from round {first}" if first else "none")
+        )
     for p in projections:
         if p.refuses:
             lines.append(f"  {p.refuses}")
-        elif p.reason:
+            continue
+        if p.reason:
             lines.append(f"  {p.site}, round {p.declines_from_round}: {p.reason}")
+        if p.evaluation_reason:
+            lines.append(
+                f"  {p.site}, evaluation {p.evaluation_declines_from_round}: "
+                f"{p.evaluation_reason}"
+            )
     sampled = sites_per_round(cfg.federation, len(projections))
     end = run_ends_at(projections, cfg)
     if end is None:

@@ -33,6 +33,7 @@ from fedmed.errors import FedMedError
 from fedmed.privacy.accounting import cumulative_epsilon
 from fedmed.privacy.budget import dp_config
 from fedmed.privacy.ledger import load_public_key, read_entries
+from fedmed.privacy.mechanisms import TRAIN
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,12 @@ def guess_and_bound(
 
 
 def formal_epsilon_of_run(ledger: Path, delta: float) -> float:
-    """The audited site's epsilon for this run's entries (the canaries' only run) at
-    ``delta``, from the mechanism parameters in its verified ledger, with its accountant."""
+    """The audited site's training epsilon for this run's entries (the canaries' only run;
+    canaries are training records) at ``delta``, from the mechanism parameters in its
+    verified ledger, with its accountant."""
     entries = read_entries(ledger, load_public_key(ledger.with_suffix(".pub")))
     last = entries[-1]
-    spent = [e.dp_steps for e in entries if e.run_id == last.run_id]
+    spent = [e.dp_steps for e in entries if e.run_id == last.run_id and e.split_name == TRAIN]
     return cumulative_epsilon(spent, delta, last.accountant_name)
 
 

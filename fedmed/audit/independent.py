@@ -7,8 +7,9 @@ PRV-accounted epsilons are checked against, and its RDP accountant, a looser cla
 bound reported beside it and the value RDP-accounted epsilons are checked against. The RDP
 accountant evaluates the same orders as Opacus' (``OPACUS_RDP_ORDERS``, a published list of
 numbers, not Opacus code), so both minimise over the same orders. Each entry's DP-SGD run is
-one Poisson-subsampled Gaussian mechanism composed ``steps`` times, and the entries of a
-ledger compose in order.
+one Poisson-subsampled Gaussian mechanism composed ``steps`` times; an evaluation release is
+one Gaussian mechanism. The entries of a ledger compose in order within their split (training
+or evaluation records: disjoint sets, each with its own composition).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
 from dp_accounting.rdp.rdp_privacy_accountant import RdpAccountant
 
 from fedmed.privacy.ledger import LedgerEntry
+from fedmed.privacy.mechanisms import EVALUATION_COUNTS
 
 LIBRARY = "dp-accounting"
 # Opacus 1.6 RDPAccountant.DEFAULT_ALPHAS: 1.1 to 10.9 in steps of 0.1, then 12 to 63.
@@ -76,16 +78,30 @@ def dp_sgd_event(noise_multiplier: float, sample_rate: float, steps: int) -> dp_
     return dp_accounting.SelfComposedDpEvent(step, steps)
 
 
+def entry_event(entry: LedgerEntry) -> dp_accounting.DpEvent | None:
+    """The mechanism an entry records, as a dp-accounting event (None: no step was taken)."""
+    run = entry.dp_steps
+    if run.steps <= 0:
+        return None
+    if entry.mechanism == EVALUATION_COUNTS:  # one Gaussian release of the whole split
+        return dp_accounting.SelfComposedDpEvent(
+            dp_accounting.GaussianDpEvent(run.noise_multiplier), run.steps
+        )
+    return dp_sgd_event(run.noise_multiplier, run.sample_rate, run.steps)
+
+
 def cumulative_epsilons(entries: Sequence[LedgerEntry]) -> list[IndependentEpsilon]:
-    """Epsilon after each entry (composing it with every entry before it), at its own delta."""
-    pld = PLDAccountant()
-    rdp = RdpAccountant(orders=list(OPACUS_RDP_ORDERS))
+    """Epsilon of each entry's split after it (composing it with every entry of the same
+    split before it), at its own delta."""
+    accountants: dict[str, tuple[PLDAccountant, RdpAccountant]] = {}
     out = []
     with _quiet_rdp():
         for entry in entries:
-            run = entry.dp_steps
-            if run.steps > 0:
-                event = dp_sgd_event(run.noise_multiplier, run.sample_rate, run.steps)
+            pld, rdp = accountants.setdefault(
+                entry.split_name, (PLDAccountant(), RdpAccountant(orders=list(OPACUS_RDP_ORDERS)))
+            )
+            event = entry_event(entry)
+            if event is not None:
                 pld.compose(event)
                 rdp.compose(event)
             delta = float(entry.delta)

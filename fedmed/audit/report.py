@@ -31,7 +31,8 @@ from fedmed.audit.verify import (
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
 from fedmed.plots import panels
-from fedmed.privacy.budget import MECHANISM
+from fedmed.privacy.evaluation import SENSITIVITY, STATISTICS
+from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, SPLITS, TRAIN
 
 STATEMENT = "privacy_statement"
 PLOT = f"{STATEMENT}_epsilon.png"
@@ -104,23 +105,28 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
-    """Lifetime epsilon after each of a site's trained rounds, recorded and recomputed, against
-    its budget: one panel per site (sites on the same target draw the same curves)."""
+    """Each split's lifetime epsilon after each of a site's ledger entries, recorded and
+    recomputed, against its budget: one panel per site (sites on the same target draw the
+    same curves)."""
     shown = [a for a in audits if a.entries]
     buffer = io.BytesIO()
     with panels(
         buffer,
         [str(a.site) for a in shown],
-        xlabel="trained round in the site's ledger (all runs)",
+        xlabel="entry in the site's ledger (all runs)",
         ylabel="lifetime epsilon",
         integer_x=True,
     ) as axes:
         for ax, audit in zip(axes, shown, strict=True):
-            x = [e.line for e in audit.entries]
-            ax.plot(x, [e.recorded_epsilon for e in audit.entries], "o-", color="C0",
-                    label="recorded by the site")  # fmt: skip
-            ax.plot(x, [e.pld_epsilon for e in audit.entries], "x:", color="C1",
-                    label="independent PLD")  # fmt: skip
+            for split, marker, color in ((TRAIN, "o-", "C0"), (EVALUATION, "D-", "C2")):
+                entries = [e for e in audit.entries if e.split == split]
+                if not entries:
+                    continue
+                x = [e.line for e in entries]
+                ax.plot(x, [e.recorded_epsilon for e in entries], marker, color=color,
+                        label=f"{split}: recorded by the site")  # fmt: skip
+                ax.plot(x, [e.pld_epsilon for e in entries], "x:", color="C1",
+                        label="independent PLD")  # fmt: skip
             ax.axhline(audit.entries[-1].budget_epsilon, color="C3", ls="--", lw=1,
                        label="budget")  # fmt: skip
             ax.set_ylim(bottom=0)
@@ -136,9 +142,9 @@ def _threat_model(summary: dict[str, Any] | None) -> str:
     secure = summary.get("secure_aggregation") or {}
     if secure.get("protocol") in (None, "none"):
         return (
-            "**Secure aggregation was off.** The coordinator saw each site's model update in "
-            "the clear. Differential privacy still bounds what any update reveals about one "
-            "record, at each site's epsilon in the tables above."
+            "**Secure aggregation was off.** The coordinator saw each site's model update and "
+            "its noisy evaluation counts in the clear. Differential privacy still bounds what "
+            "any of them reveals about one record, at each site's epsilon in the tables above."
         )
     dropped = (
         ", ".join(
@@ -153,8 +159,9 @@ def _threat_model(summary: dict[str, Any] | None) -> str:
         "- The coordinator **can see**: each site's masked input (indistinguishable from "
         "random without the other sites' shares), the unmasked sum of the quantized updates "
         "of the sites that completed a round (the aggregate), which sites took part and which "
-        "dropped out, and the sites' reported metrics (epsilon, record counts, evaluation "
-        "counts).\n"
+        "dropped out, and the sites' reported metadata (record counts, their accounting) and "
+        "each site's noisy evaluation counts (a Gaussian mechanism, in its ledger; they do "
+        "not travel through SecAgg+).\n"
         "- The coordinator **cannot see**: any single site's update, unless it colludes with "
         f"at least {secure['reconstruction_threshold']} sites of the round (enough shares to "
         "unmask one site). A round where fewer than the threshold remain fails and reveals "
@@ -168,11 +175,38 @@ def _threat_model(summary: dict[str, Any] | None) -> str:
     )
 
 
+def _last(audit: LedgerAudit, split: str) -> EntryCheck | None:
+    return next((e for e in reversed(audit.entries) if e.split == split), None)
+
+
+def _split_row(audit: LedgerAudit, split: str) -> list[str]:
+    """One site's split: its latest entry's figures, and the site's record epsilon."""
+    last = _last(audit, split)
+    assert last is not None
+    site_epsilon = max(e.recorded_epsilon for e in map(lambda s: _last(audit, s), SPLITS) if e)
+    return [
+        audit.site or audit.ledger,
+        split,
+        str(last.dataset_size),
+        f"{last.delta:g}",
+        f"{1 / last.dataset_size:.2g}",
+        "yes" if last.delta <= 1 / last.dataset_size else "NO",
+        f"{last.budget_epsilon:g}",
+        f"{last.recorded_epsilon:.4f}",
+        f"{last.pld_epsilon:.4f}",
+        f"{last.rdp_epsilon:.4f}",
+        f"{site_epsilon:.4f}",
+        str(sum(e.split == split for e in audit.entries)),
+        "verified" if audit.ok else "FAILED",
+    ]
+
+
 def _entry_row(site: str, e: EntryCheck) -> list[str]:
     return [
         site,
         e.run_id[:12],
         str(e.round),
+        e.split,
         f"{e.sample_rate:.4f}",
         f"{e.noise_multiplier:.4f}",
         str(e.steps),
@@ -187,6 +221,7 @@ ENTRY_HEADER = [
     "site",
     "run",
     "round",
+    "split",
     "sample rate",
     "noise",
     "steps",
@@ -303,18 +338,24 @@ def statement_markdown(
         f"{receipts_text}.",
         "## Unit of privacy and mechanism",
         f"- Unit of privacy: {UNIT_OF_PRIVACY}. Each site enforces its own (epsilon, delta) "
-        "budget over its lifetime (all runs), on its own data.",
-        f"- Mechanism: `{MECHANISM}` — DP-SGD with Poisson sampling, per-sample gradient "
+        "budget over its lifetime (all runs), on its own data. Its training and test records "
+        "are disjoint splits, each composing its own releases: one record's guarantee is its "
+        "split's epsilon, and the site's is the larger of the two (column 'site epsilon').",
+        f"- Training split: `{DP_SGD}` — DP-SGD with Poisson sampling, per-sample gradient "
         f"clipping (max_grad_norm {', '.join(clips) or 'n/a'}) and Gaussian noise.",
+        f"- Evaluation split: `{EVALUATION_COUNTS}` — the test split's counts ({STATISTICS}) "
+        f"plus Gaussian noise, L2 sensitivity {SENSITIVITY:g} (one record is one count), one "
+        "Gaussian mechanism per evaluation.",
         f"- Accountant that wrote the ledgers: {', '.join(writers)}.",
         f"- Independent recomputation: {acc['library']} {acc['version']}, PLD accountant "
         "(reference for PRV) and RDP accountant over Opacus' orders (reference for RDP); a "
         "recorded epsilon outside its window, above or below, is flagged "
         f"({WINDOWS['prv']}; {WINDOWS['rdp']}).",
-        "## Budget and delta per site (lifetime)",
+        "## Budget and delta per site and split (lifetime)",
         _md_table(
             [
                 "site",
+                "split",
                 "records",
                 "delta",
                 "1/records",
@@ -323,26 +364,11 @@ def statement_markdown(
                 "epsilon (recorded)",
                 "epsilon (PLD)",
                 "epsilon (RDP)",
-                "trained rounds",
+                "site epsilon",
+                "releases",
                 "verdict",
             ],
-            [
-                [
-                    a.site or a.ledger,
-                    str(a.entries[-1].dataset_size),
-                    f"{a.entries[-1].delta:g}",
-                    f"{1 / a.entries[-1].dataset_size:.2g}",
-                    "yes" if a.entries[-1].delta <= 1 / a.entries[-1].dataset_size else "NO",
-                    f"{a.entries[-1].budget_epsilon:g}",
-                    f"{a.entries[-1].recorded_epsilon:.4f}",
-                    f"{a.entries[-1].pld_epsilon:.4f}",
-                    f"{a.entries[-1].rdp_epsilon:.4f}",
-                    str(len(a.entries)),
-                    "verified" if a.ok else "FAILED",
-                ]
-                for a in audits
-                if a.entries
-            ],
+            [_split_row(a, split) for a in audits for split in SPLITS if _last(a, split)],
         ),
         f"![lifetime epsilon per site and round against budget]({image_src})",
         *_run_sections(audits, books),

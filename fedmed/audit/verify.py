@@ -4,9 +4,11 @@ For each ledger: the hash chain and the Ed25519 signatures (first bad line named
 signed high-water mark when one is found (a ledger shorter than it, or with another head,
 fails); then every entry's cumulative epsilon is recomputed from its recorded mechanism
 parameters with an accountant independent of the one that wrote it
-(``fedmed.audit.independent``), and the recorded epsilon must lie in the window the writer's
-accountant allows, above AND below (``allowed_window``): a recorded epsilon the entry's own
-fields do not explain fails either way. Budget overruns and a delta above 1/dataset_size are
+(``fedmed.audit.independent``), within its split (training or evaluation records), and the
+recorded epsilon must lie in the window the writer's accountant allows, above AND below
+(``allowed_window``): a recorded epsilon the entry's own fields do not explain fails either
+way. An entry's ``record_epsilon`` (the worse split's) must be the larger of its own and the
+other split's latest recorded epsilon. Budget overruns and a delta above 1/dataset_size are
 flagged too. With the coordinator's receipts (``fedmed.audit.receipts``), every update the
 coordinator received must have its entry in its site's ledger. The verdict holds only when
 nothing is flagged.
@@ -34,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from fedmed.audit.independent import cumulative_epsilons, independent_accountants
 from fedmed.errors import FedMedError
-from fedmed.privacy.budget import LEDGER_SUFFIX, MECHANISM
+from fedmed.privacy.budget import LEDGER_SUFFIX
 from fedmed.privacy.ledger import (
     MARK_SUFFIX,
     HighWaterMark,
@@ -45,6 +47,7 @@ from fedmed.privacy.ledger import (
     read_mark,
     read_verified,
 )
+from fedmed.privacy.mechanisms import SPLIT_OF, record_epsilon
 from fedmed.records import RecordError
 
 if TYPE_CHECKING:
@@ -106,6 +109,9 @@ class EntryCheck:
     reference: str = "pld"  # the independent value the recorded epsilon is checked against
     allowed_low: float = 0.0
     allowed_high: float = 0.0
+    split: str = "train"  # the records the release touched: train or evaluation
+    mechanism: str = "dp_sgd_poisson_gaussian"
+    sensitivity: float | None = None
 
     @property
     def reference_epsilon(self) -> float:
@@ -183,11 +189,19 @@ def _parsed(line: int, raw: dict[str, Any]) -> LedgerEntry | Finding:
         entry = LedgerEntry.from_dict(raw)
     except RecordError as err:
         return Finding(line, "format", str(err))
-    if entry.mechanism != MECHANISM:
+    if entry.mechanism not in SPLIT_OF:
+        known = " and ".join(SPLIT_OF)
         return Finding(
             line,
             "mechanism",
-            f"unknown mechanism '{entry.mechanism[:40]}' (only {MECHANISM} can be recomputed)",
+            f"unknown mechanism '{entry.mechanism[:40]}' (only {known} can be recomputed)",
+        )
+    if entry.split_name != SPLIT_OF[entry.mechanism]:
+        return Finding(
+            line,
+            "mechanism",
+            f"mechanism {entry.mechanism} touches the {SPLIT_OF[entry.mechanism]} records, "
+            f"but the entry says split '{entry.split_name[:40]}'",
         )
     return entry
 
@@ -253,6 +267,9 @@ def _entry_check(line: int, entry: LedgerEntry, pld: float, rdp: float) -> Entry
         reference=window.reference if isinstance(window, Window) else "pld",
         allowed_low=window.low if isinstance(window, Window) else float("nan"),
         allowed_high=window.high if isinstance(window, Window) else float("nan"),
+        split=entry.split_name,
+        mechanism=entry.mechanism,
+        sensitivity=entry.sensitivity if entry.sensitivity is not None else entry.max_grad_norm,
     )
 
 
@@ -310,9 +327,31 @@ def _value_findings(check: EntryCheck, site: str, entry: LedgerEntry) -> list[Fi
             Finding(
                 line,
                 "delta",
-                f"delta {check.delta:g} > 1/{check.dataset_size} (1 / the site's training records)",
+                f"delta {check.delta:g} > 1/{check.dataset_size} (1 / the site's "
+                f"{entry.split_name} records)",
             )
         )
+    return found
+
+
+def _record_epsilon_findings(typed: list[LedgerEntry]) -> list[Finding]:
+    """Each entry's stated record epsilon is the worse of its splits' latest epsilons."""
+    latest: dict[str, float] = {}
+    found = []
+    for line, entry in enumerate(typed, start=1):
+        latest[entry.split_name] = float(entry.epsilon)
+        if entry.record_epsilon is None:  # entries from before private evaluation
+            continue
+        expected = record_epsilon(latest)
+        if abs(float(entry.record_epsilon) - expected) > 1e-12 * max(expected, 1.0):
+            found.append(
+                Finding(
+                    line,
+                    "recomputation",
+                    f"record_epsilon {float(entry.record_epsilon):.4f} is not the larger of "
+                    f"the splits' epsilons ({expected:.4f})",
+                )
+            )
     return found
 
 
@@ -375,6 +414,7 @@ def verify_ledger(
         check = _entry_check(line, entry, eps.pld, eps.rdp)
         audit.entries.append(check)
         audit.findings += _value_findings(check, audit.site, entry)
+    audit.findings += _record_epsilon_findings(typed)
     return audit
 
 
@@ -457,7 +497,7 @@ def result_table(audits: list[LedgerAudit], receipts: list[ReceiptsAudit] | None
     receipts = receipts or []
     lines = []
     header = (
-        f"{'line':>4} {'run':<20} {'round':>5} {'q':>7} {'sigma':>7} {'steps':>5} "
+        f"{'line':>4} {'run':<20} {'round':>5} {'split':<10} {'q':>7} {'sigma':>7} {'steps':>5} "
         f"{'delta':>7} {'recorded':>9} {'PLD':>8} {'RDP':>8} {'budget':>6}"
     )
     for audit in audits:
@@ -471,8 +511,8 @@ def result_table(audits: list[LedgerAudit], receipts: list[ReceiptsAudit] | None
             lines.append("  " + header)
         for e in audit.entries:
             lines.append(
-                f"  {e.line:>4} {e.run_id[:20]:<20} {e.round:>5} {e.sample_rate:>7.4f} "
-                f"{e.noise_multiplier:>7.4f} {e.steps:>5} {e.delta:>7.0e} "
+                f"  {e.line:>4} {e.run_id[:20]:<20} {e.round:>5} {e.split:<10} "
+                f"{e.sample_rate:>7.4f} {e.noise_multiplier:>7.4f} {e.steps:>5} {e.delta:>7.0e} "
                 f"{e.recorded_epsilon:>9.4f} {e.pld_epsilon:>8.4f} {e.rdp_epsilon:>8.4f} "
                 f"{e.budget_epsilon:>6g}"
             )

@@ -170,6 +170,10 @@ class FederationConfig:
     evaluate_fraction: float = 1.0
     min_sites: int = 2
     local_epochs: int = 1
+    # Evaluate the global model every this many rounds, and always after the last one; 0:
+    # after the last round only. null: every round without DP; with DP the last round only,
+    # since each evaluation spends the privacy of the sites' test records.
+    evaluate_every: int | None = None
     # Seconds the coordinator waits for the sites' replies in a round (with SecAgg+: in each
     # stage). A site that crashes after taking its work may rejoin under the same node id,
     # and Flower then never reports the lost reply: without a limit the round waits forever.
@@ -188,6 +192,14 @@ class EngineConfig:
     address: str | None = None
     # CPUs each site's Ray actor reserves: the engine runs (cluster CPUs / this) sites at once.
     num_cpus_per_site: float = 1.0
+
+
+def evaluation_rounds(cfg: FedMedConfig) -> list[int]:
+    """The rounds after which the sites evaluate the global model (the last one always)."""
+    rounds, every = cfg.federation.rounds, cfg.federation.evaluate_every
+    if every is None:
+        every = 0 if isinstance(cfg.privacy, DpConfig) else 1
+    return [r for r in range(1, rounds + 1) if r == rounds or (every and r % every == 0)]
 
 
 def sites_per_round(fed: FederationConfig, total_sites: int) -> int:
@@ -227,6 +239,10 @@ class DpConfig(PrivacyConfig):
     # Simulation only: seed each site's sampling and noise (reproducible experiments).
     # A deployed site refuses it: the coordinator could replay the noise.
     noise_seed: int | None = None
+    # The epsilon this run's evaluations may spend on the sites' test records (their own
+    # split: its noise is calibrated for the run's planned evaluations); null: target_epsilon
+    # (with a fixed noise_multiplier: each site's budget).
+    evaluation_epsilon: float | None = None
 
 
 @dataclass
@@ -363,6 +379,13 @@ def validate(cfg: FedMedConfig) -> None:
     _require(fed.min_sites >= 1, "federation.min_sites", fed.min_sites, "an integer >= 1")
     _require(fed.local_epochs >= 1, "federation.local_epochs", fed.local_epochs, "an integer >= 1")
     _require(
+        fed.evaluate_every is None or fed.evaluate_every >= 0,
+        "federation.evaluate_every",
+        fed.evaluate_every,
+        "an integer >= 0 (0: after the last round only; null: every round, or the last "
+        "round only with privacy=dp)",
+    )
+    _require(
         0.0 < cfg.engine.num_cpus_per_site < math.inf,
         "engine.num_cpus_per_site",
         cfg.engine.num_cpus_per_site,
@@ -458,6 +481,14 @@ def _validate_dp(p: DpConfig, kits_state_budgets: bool) -> None:
         "privacy.target_epsilon",
         p.target_epsilon,
         "a number > 0 (or set privacy.noise_multiplier)",
+    )
+    _require(
+        p.evaluation_epsilon is None
+        or MIN_TARGET_EPSILON <= p.evaluation_epsilon <= MAX_TARGET_EPSILON,
+        "privacy.evaluation_epsilon",
+        p.evaluation_epsilon,
+        f"a number in [{MIN_TARGET_EPSILON:g}, {MAX_TARGET_EPSILON:g}] (null: "
+        "privacy.target_epsilon)",
     )
     for key, value in (
         ("privacy.target_epsilon", p.target_epsilon),

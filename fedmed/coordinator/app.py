@@ -15,7 +15,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import ServerApp
 
-from fedmed.config.schema import FedMedConfig
+from fedmed.config.schema import FedMedConfig, evaluation_rounds
 from fedmed.coordinator import checkpoint
 from fedmed.coordinator.federated import FederatedStrategy, FederationStopped
 from fedmed.coordinator.grid import (
@@ -81,6 +81,7 @@ def run_coordinator(
         inner,
         recorder,
         min(cfg.federation.min_sites, total_sites),
+        evaluation_rounds(cfg),
         round_offset=done,
         on_round_done=save_checkpoint,
     )

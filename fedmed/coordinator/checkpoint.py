@@ -24,7 +24,7 @@ from fedmed.errors import FedMedError
 CHECKPOINT_FILE = "checkpoint.pkl"
 # Server-optimiser state of Flower's legacy FedOpt family (FedAdam, FedYogi, FedAdagrad).
 STRATEGY_STATE = ("current_weights", "m_t", "v_t")
-RECORDER_STATE = ("history", "failures", "site_rows", "sites")
+RECORDER_STATE = ("history", "rounds_ended", "failures", "site_rows", "sites")
 
 
 @dataclass

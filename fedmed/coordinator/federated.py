@@ -50,15 +50,18 @@ class FederatedStrategy(Strategy):
         inner: Strategy,
         recorder: RunRecorder,
         min_sites: int,
+        evaluation_rounds: list[int],
         round_offset: int = 0,
         on_round_done: Callable[[int], None] | None = None,
     ) -> None:
-        """``round_offset``: rounds already done before this run (resume); Flower counts
+        """``evaluation_rounds``: the rounds after which the sites evaluate the global model.
+        ``round_offset``: rounds already done before this run (resume); Flower counts
         from 1 again, the sites and the records continue the run's numbering.
-        ``on_round_done(round)`` runs after each round's evaluation (checkpointing)."""
+        ``on_round_done(round)`` runs at the end of each round (checkpointing)."""
         self.inner = inner
         self.recorder = recorder
         self.min_sites = min_sites
+        self.evaluation_rounds = set(evaluation_rounds)
         self.round_offset = round_offset
         self.on_round_done = on_round_done
         self.global_weights: list[np.ndarray] | None = None
@@ -142,9 +145,15 @@ class FederatedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.inner.configure_evaluate(
-            server_round + self.round_offset, parameters, client_manager
-        )
+        """The sites evaluate only in the run's evaluation rounds (``federation.evaluate_every``):
+        a round without one still ends here, with its progress line and checkpoint."""
+        server_round += self.round_offset
+        if server_round not in self.evaluation_rounds:
+            self.recorder.record_unevaluated(server_round)
+            if self.on_round_done is not None:
+                self.on_round_done(server_round)
+            return []
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
         self,
@@ -154,19 +163,17 @@ class FederatedStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         server_round += self.round_offset
         self.recorder.record_failures(server_round, "evaluate", list(failures))
-        per_site = {}
+        reports = []
         for _, res in results:
             try:
-                report = EvaluateReport.from_metrics(res.metrics)
+                reports.append(EvaluateReport.from_metrics(res.metrics))
             except RecordError as err:
                 problem = RuntimeError(f"site '{_claimed_site(res.metrics)}': {err}")
                 self.recorder.record_failures(server_round, "evaluate", [problem])
-                continue
-            per_site[report.site] = report.stats
         loss: float | None = None
         metrics: dict[str, Any] = {}
-        if per_site:
-            record = self.recorder.record_evaluation(server_round, per_site)
+        record = self.recorder.record_evaluation(server_round, reports)
+        if record is not None:
             loss, metrics = record.loss, {"accuracy": record.accuracy}
             if record.auc is not None:
                 metrics["auc"] = record.auc

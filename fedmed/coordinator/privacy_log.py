@@ -14,11 +14,15 @@ from typing import Any
 from fedmed.config.schema import FedMedConfig
 from fedmed.plots import panels
 from fedmed.privacy.accounting import accountant_record
-from fedmed.privacy.budget import MECHANISM, dp_config
-from fedmed.protocol import FitReport
+from fedmed.privacy.budget import dp_config
+from fedmed.privacy.evaluation import SENSITIVITY, STATISTICS
+from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, TRAIN, record_epsilon
+from fedmed.protocol import FitReport, PrivacyReport
 from fedmed.provenance import code_version, config_hash
 
-UNIT_OF_PRIVACY = "one record (patient row or image) of one site's training data"
+UNIT_OF_PRIVACY = (
+    "one record (patient row or image) of one site, in its training or its test split"
+)
 
 
 @dataclass
@@ -27,9 +31,10 @@ class SiteSpend:
 
     round: int
     site: str
-    epsilon: float
+    epsilon: float  # the split's lifetime epsilon after the round
     budget_epsilon: float
     declined: str | None
+    split: str = TRAIN
 
 
 @dataclass
@@ -68,9 +73,36 @@ class PrivacyLog:
         if p.accountant is not None:
             state["accountant"] = p.accountant
 
+    def record_evaluation(self, server_round: int, site: str, p: PrivacyReport) -> None:
+        """A site's reported accounting of its evaluation release (or of its decline)."""
+        self.spends.append(
+            SiteSpend(server_round, site, float(p.epsilon), float(p.budget_epsilon),
+                      p.declined, EVALUATION)
+        )  # fmt: skip
+        state = self.sites.setdefault(site, {"declined_rounds": []})
+        state.setdefault("evaluation_declined_rounds", [])
+        if p.declined is not None:
+            state["evaluation_declined_rounds"].append(server_round)
+        state.update(
+            evaluation_epsilon=float(p.epsilon),
+            evaluation_noise_multiplier=float(p.noise_multiplier),
+            delta=float(p.delta),
+            budget_epsilon=float(p.budget_epsilon),
+            ledger=p.ledger,
+        )
+
+    def record_epsilon(self, site: str, server_round: int) -> float:
+        """Epsilon for one record of ``site`` after ``server_round``: the worse split's."""
+        latest: dict[str, float] = {}
+        for s in self.spends:
+            if s.site == site and s.round <= server_round:
+                latest[s.split] = s.epsilon
+        return record_epsilon(latest)
+
     def max_epsilon(self, server_round: int) -> float | None:
-        values = [s.epsilon for s in self.spends if s.round == server_round]
-        return max(values) if values else None
+        """The largest record epsilon among the sites that reported in ``server_round``."""
+        sites = {s.site for s in self.spends if s.round == server_round}
+        return max((self.record_epsilon(site, server_round) for site in sites), default=None)
 
     def _reported(self, key: str) -> list[Any]:
         return sorted({state[key] for state in self.sites.values() if key in state})
@@ -100,7 +132,13 @@ class PrivacyLog:
             return {"mechanism": "none", "unit": None}
         deltas = [dp.delta] if dp.delta is not None else self._reported("delta")
         return {
-            "mechanism": MECHANISM,
+            "mechanism": DP_SGD,
+            "evaluation_mechanism": {
+                "name": EVALUATION_COUNTS,
+                "statistics": STATISTICS,
+                "sensitivity": SENSITIVITY,
+                "evaluation_epsilon": dp.evaluation_epsilon or dp.target_epsilon,
+            },
             "unit": UNIT_OF_PRIVACY,
             "accountant": self._accountant(),
             "target_epsilon": dp.target_epsilon,
@@ -121,7 +159,13 @@ class PrivacyLog:
         if state is None:
             return None
         keys = ("epsilon", "delta", "budget_epsilon", "declined_rounds", "ledger")
-        return {key: state[key] for key in keys}
+        summary = {key: state[key] for key in keys if key in state}
+        evaluation = ("evaluation_epsilon", "evaluation_noise_multiplier",
+                      "evaluation_declined_rounds")  # fmt: skip
+        summary.update({key: state[key] for key in evaluation if key in state})
+        last = max((s.round for s in self.spends if s.site == site), default=0)
+        summary["record_epsilon"] = self.record_epsilon(site, last)
+        return summary
 
     def write(self, output_dir: Path) -> None:
         """``privacy_report.md`` and ``epsilon.png`` in the run directory."""
@@ -134,8 +178,9 @@ class PrivacyLog:
     def report(self) -> str:
         run = self.run_summary()
         sites = sorted(self.sites)
-        rounds = sorted({s.round for s in self.spends})
-        by_key = {(s.round, s.site): s for s in self.spends}
+        training = [s for s in self.spends if s.split == TRAIN]
+        rounds = sorted({s.round for s in training})
+        by_key = {(s.round, s.site): s for s in training}
         accountant = run["accountant"]
         lines = [
             "# Privacy report",
@@ -143,36 +188,51 @@ class PrivacyLog:
             "## What is protected",
             "",
             f"- **Unit of privacy:** {UNIT_OF_PRIVACY}. Each site gives an (epsilon, delta)-DP "
-            "guarantee for its own records; epsilon below is each site's lifetime total, "
-            "counting earlier runs recorded in its ledger.",
+            "guarantee for its own records; the epsilons in the tables below are lifetime "
+            "totals, counting earlier runs recorded in its ledger. Training and test records "
+            "are disjoint, each split composes its own releases, and a record's guarantee is "
+            "its split's epsilon: the site's guarantee is the larger of the two.",
             f"- **Mechanism:** DP-SGD with Poisson sampling, per-sample gradient clipping "
             f"(max_grad_norm = {run['max_grad_norm']}) and Gaussian noise "
             f"({run['noise']}), run by Opacus at each site.",
             f"- **Accountant:** {accountant['library']} {accountant['version']} "
             f"`{accountant['name']}`.",
-            "- Each site checks its own lifetime budget before every round and declines a "
-            "round that would exceed it; the coordinator cannot override this.",
-            "- Every round a site trains is recorded in its signed, hash-chained ledger before "
-            "its update leaves the site.",
+            f"- **Evaluation:** each site releases only its test split's counts "
+            f"({STATISTICS}) plus Gaussian noise (`{EVALUATION_COUNTS}`, L2 sensitivity "
+            f"{SENSITIVITY:g}: one record is one count); the coordinator's figures come from "
+            "the sum over the sites. No loss, no per-record value and no training statistic "
+            "leaves a site; the split sizes are public metadata.",
+            "- Each site checks its own lifetime budget before every release (a round's "
+            "training, an evaluation) and declines one that would exceed it; the coordinator "
+            "cannot override this.",
+            "- Every release is recorded in the site's signed, hash-chained ledger before it "
+            "leaves the site.",
             f"- Config hash `{run['config_hash']}`, code version `{run['code_version']}`.",
             "",
             "## Sites",
             "",
-            "| site | epsilon | budget | delta | noise multiplier | sample rate | "
-            "declined rounds | ledger |",
-            "|---|---|---|---|---|---|---|---|",
+            "| site | epsilon | training epsilon | evaluation epsilon | budget | delta | "
+            "noise multiplier (training, evaluation) | sample rate | declined | ledger |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for site in sites:
             st = self.sites[site]
-            declined = ", ".join(str(r) for r in st["declined_rounds"]) or "none"
+            declined = [f"round {r}" for r in st["declined_rounds"]] + [
+                f"evaluation {r}" for r in st.get("evaluation_declined_rounds", [])
+            ]
+            last = max(s.round for s in self.spends if s.site == site)
             lines.append(
-                f"| {site} | {st['epsilon']:.4f} | {st['budget_epsilon']:g} | "
-                f"{st['delta']:g} | {st['noise_multiplier']:.4f} | {st['sample_rate']:.4f} | "
-                f"{declined} | `{st['ledger']}` |"
+                f"| {site} | {self.record_epsilon(site, last):.4f} | "
+                f"{_number(st.get('epsilon'))} | {_number(st.get('evaluation_epsilon'))} | "
+                f"{st['budget_epsilon']:g} | {st['delta']:g} | "
+                f"{_number(st.get('noise_multiplier'))}, "
+                f"{_number(st.get('evaluation_noise_multiplier'))} | "
+                f"{_number(st.get('sample_rate'))} | {', '.join(declined) or 'none'} | "
+                f"`{st['ledger']}` |"
             )
         lines += [
             "",
-            "## Epsilon per site and round (lifetime, after the round)",
+            "## Training epsilon per site and round (lifetime, after the round)",
             "",
             "| round | " + " | ".join(sites) + " |",
             "|---" * (len(sites) + 1) + "|",
@@ -186,6 +246,20 @@ class PrivacyLog:
                 else:
                     cells.append(f"{spend.epsilon:.4f}" + (" (declined)" if spend.declined else ""))
             lines.append(f"| {r} | " + " | ".join(cells) + " |")
+        evaluations = [s for s in self.spends if s.split == EVALUATION]
+        if evaluations:
+            lines += [
+                "",
+                "## Evaluation epsilon per site (the test split's lifetime, after each release)",
+                "",
+                "| round | site | evaluation epsilon |",
+                "|---|---|---|",
+            ]
+            lines += [
+                f"| {s.round} | {s.site} | {s.epsilon:.4f}"
+                + (" (declined) |" if s.declined else " |")
+                for s in evaluations
+            ]
         return "\n".join(lines) + "\n"
 
     def plot(self, path: Path) -> None:
@@ -194,12 +268,20 @@ class PrivacyLog:
         sites = sorted(self.sites)
         with panels(path, sites, xlabel="round", ylabel="lifetime epsilon", integer_x=True) as axes:
             for ax, site in zip(axes, sites, strict=True):
-                spends = [s for s in self.spends if s.site == site]
+                spends = [s for s in self.spends if s.site == site and s.split == TRAIN]
+                evaluations = [s for s in self.spends if s.site == site and s.split == EVALUATION]
+                if evaluations:
+                    ax.plot([s.round for s in evaluations], [s.epsilon for s in evaluations],
+                            "D", color="C2", label="evaluation epsilon")  # fmt: skip
                 ax.plot([s.round for s in spends], [s.epsilon for s in spends], "o-",
-                        color="C0", label="lifetime epsilon")  # fmt: skip
+                        color="C0", label="training epsilon")  # fmt: skip
                 ax.axhline(self.sites[site]["budget_epsilon"], color="C3", ls="--", lw=1,
                            label="budget")  # fmt: skip
                 declined = [s for s in spends if s.declined]
                 ax.scatter([s.round for s in declined], [s.epsilon for s in declined],
                            marker="x", s=80, color="C3", label="declined")  # fmt: skip
                 ax.set_ylim(bottom=0.0)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,7 +1,10 @@
 """What the coordinator learns during a run, printed per round and written to the run directory.
 
 Files: ``metrics.csv`` (one row per round and site), ``summary.json`` (keys other tools read)
-and ``accuracy.png``; with DP also ``privacy_report.md`` and ``epsilon.png``.
+and ``accuracy.png``; with DP also ``privacy_report.md`` and ``epsilon.png``. Under DP the
+coordinator holds no per-site statistic of any record: each site's evaluation is noisy
+counts (a Gaussian mechanism), only their sum over the sites becomes figures (rows of site
+``ALL_SITES``), and the sites' rows carry public metadata and accounting only.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from flwr.common import Error
 
 from fedmed.config.schema import FedMedConfig
@@ -22,9 +26,9 @@ from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.coordinator.receipts import ReceiptBook
 from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.errors import REFUSES
-from fedmed.metrics import EvalStats
+from fedmed.metrics import EvalStats, stats_from_counts
 from fedmed.plots import chart
-from fedmed.protocol import FitReport
+from fedmed.protocol import EvaluateReport, FitReport
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ METRICS_COLUMNS = (
     "auc",
     "epsilon",
 )
+ALL_SITES = "all sites"  # metrics.csv rows of the global figures (under DP, the only figures)
 # SiteError text ("site 'NAME': problem") as it appears, possibly escaped, inside Flower's error
 _SITE_ERROR = re.compile(r"site '([^']+)': ([^\n]*?)(?:'>'\)|'>|\\n|$)", re.MULTILINE)
 # The simulation engine's wrapping of an exception: "<class 'pkg.Name'>:<'message"
@@ -86,10 +91,11 @@ class RoundRecord:
     round: int
     accuracy: float
     auc: float | None
-    loss: float
+    loss: float | None  # None under DP: no site releases a loss
     sites: int  # sites that evaluated the global model
     seconds: float
     trained: int = 0  # sites whose update went into this round's aggregate
+    private: bool = False  # figures from the sum of the sites' noisy counts
 
 
 @dataclass
@@ -109,7 +115,8 @@ class RunRecorder:
     cfg: FedMedConfig
     output_dir: Path
     num_sites: int
-    history: list[RoundRecord] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)  # the evaluated rounds
+    rounds_ended: list[int] = field(default_factory=list)  # every round, evaluated or not
     failures: list[Failure] = field(default_factory=list)
     site_rows: list[dict[str, Any]] = field(default_factory=list)
     sites: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -143,10 +150,10 @@ class RunRecorder:
         if self.privacy.enabled and report.privacy is not None:
             self.receipts.record(server_round, site, report.privacy)  # signed, before aggregation
         self._trained.setdefault(server_round, set()).add(site)
-        loss = report.train_loss
+        loss = report.train_loss  # None under DP: it stays at the site
         self._fit_rows[site] = {
             "num_train": num_train,
-            "train_loss": float(loss) if loss is not None else float("nan"),
+            "train_loss": float(loss) if loss is not None else None,
             "epsilon": report.privacy.epsilon if report.privacy is not None else None,
         }
         self.sites.setdefault(site, {})["num_train"] = num_train
@@ -183,8 +190,74 @@ class RunRecorder:
         self.secure.failed_rounds.append({"round": server_round, "reason": reason})
         log.info(f"round {server_round:>3} | {reason}")
 
-    def record_evaluation(self, server_round: int, per_site: dict[str, EvalStats]) -> RoundRecord:
-        """Store per-site rows and the merged global metrics; print the round's progress line."""
+    def record_evaluation(
+        self, server_round: int, reports: list[EvaluateReport]
+    ) -> RoundRecord | None:
+        """The sites' evaluations of the global model: exact per-site rows without DP; under DP
+        each site's release is accounted (and receipted) and only the sum of the noisy counts
+        becomes figures. Prints the round's progress line; None when no site evaluated."""
+        exact = {r.site: r.stats for r in reports if r.stats is not None}
+        private = [r for r in reports if r.noisy_counts is not None]
+        for report in reports:
+            if report.privacy is not None:
+                self._record_evaluation_privacy(server_round, report)
+        if exact:
+            merged = EvalStats.merge(list(exact.values()))
+            self._site_rows(server_round, exact)
+        elif private:
+            counts = np.sum([r.noisy_counts for r in private if r.noisy_counts is not None], axis=0)
+            merged = stats_from_counts(counts, sum(r.num_examples for r in private))
+            self._private_rows(server_round, private, merged)
+        else:
+            self.record_unevaluated(server_round, "no site evaluated")
+            return None
+        record = RoundRecord(
+            server_round,
+            merged.accuracy,
+            merged.auc,
+            merged.loss,
+            len(exact) or len(private),
+            time.perf_counter() - self._round_started,
+            len(self._trained.get(server_round, ())),
+            private=not exact,
+        )
+        self.history.append(record)
+        self.rounds_ended.append(server_round)
+        auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
+        loss = f"loss {record.loss:.4f}" if record.loss is not None else "private evaluation"
+        log.info(
+            f"round {server_round:>3}/{self.cfg.federation.rounds} | {loss} | "
+            f"accuracy {record.accuracy:.4f} | auc {auc} | sites trained {record.trained}, "
+            f"evaluated {record.sites}{self._epsilon_text(server_round)} | "
+            f"{record.seconds:.1f}s",
+        )
+        return record
+
+    def record_unevaluated(self, server_round: int, why: str = "not evaluated") -> None:
+        """A round that ends without an evaluation (federation.evaluate_every): its line."""
+        self.rounds_ended.append(server_round)
+        seconds = time.perf_counter() - self._round_started
+        trained = len(self._trained.get(server_round, ()))
+        log.info(
+            f"round {server_round:>3}/{self.cfg.federation.rounds} | {why} | sites trained "
+            f"{trained}{self._epsilon_text(server_round)} | {seconds:.1f}s"
+        )
+
+    def _epsilon_text(self, server_round: int) -> str:
+        eps = self.privacy.max_epsilon(server_round)
+        return f" | max site epsilon {eps:.3f}" if eps is not None else ""
+
+    def _record_evaluation_privacy(self, server_round: int, report: EvaluateReport) -> None:
+        assert report.privacy is not None
+        self.privacy.record_evaluation(server_round, report.site, report.privacy)
+        if report.declined is not None:
+            log.info(f"round {server_round:>3} | {report.site} declined to evaluate: "
+                     f"{report.declined}")  # fmt: skip
+        elif report.privacy.ledger_entry is not None:
+            self.receipts.record(server_round, report.site, report.privacy)
+
+    def _site_rows(self, server_round: int, per_site: dict[str, EvalStats]) -> None:
+        """privacy=none: each site's exact figures."""
         for site, stats in sorted(per_site.items()):
             fit = self._fit_rows.get(site, {})
             row = {
@@ -202,27 +275,24 @@ class RunRecorder:
             self.sites.setdefault(site, {}).update(
                 {"num_test": stats.num_examples, "accuracy": stats.accuracy, "auc": stats.auc}
             )
-        merged = EvalStats.merge(list(per_site.values()))
-        record = RoundRecord(
-            server_round,
-            merged.accuracy,
-            merged.auc,
-            merged.loss,
-            len(per_site),
-            time.perf_counter() - self._round_started,
-            len(self._trained.get(server_round, ())),
-        )
-        self.history.append(record)
-        auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
-        eps = self.privacy.max_epsilon(server_round)
-        eps_text = f" | max site epsilon {eps:.3f}" if eps is not None else ""
-        log.info(
-            f"round {server_round:>3}/{self.cfg.federation.rounds} | loss {record.loss:.4f} | "
-            f"accuracy {record.accuracy:.4f} | auc {auc} | sites trained {record.trained}, "
-            f"evaluated {record.sites}{eps_text} | "
-            f"{record.seconds:.1f}s",
-        )
-        return record
+
+    def _private_rows(
+        self, server_round: int, reports: list[EvaluateReport], merged: EvalStats
+    ) -> None:
+        """Under DP: one row per site with its public sizes and accounting, one row of the
+        figures of the summed noisy counts."""
+        for report in sorted(reports, key=lambda r: r.site):
+            fit = self._fit_rows.get(report.site, {})
+            num_train = fit.get("num_train", self.sites.get(report.site, {}).get("num_train"))
+            self.site_rows.append(
+                {"round": server_round, "site": report.site, "num_train": num_train,
+                 "num_test": report.num_examples, "epsilon": fit.get("epsilon")}
+            )  # fmt: skip
+            self.sites.setdefault(report.site, {})["num_test"] = report.num_examples
+        self.site_rows.append(
+            {"round": server_round, "site": ALL_SITES, "num_test": merged.num_examples,
+             "accuracy": merged.accuracy, "auc": merged.auc}
+        )  # fmt: skip
 
     def stop(self, reason: str, status: str = "stopped") -> None:
         refused = sorted({f.site for f in self.failures if REFUSES in f.error})
@@ -245,7 +315,7 @@ class RunRecorder:
             "model": self.cfg.model.name.value,
             "strategy": self.cfg.strategy.name.value,
             "rounds": self.cfg.federation.rounds,
-            "rounds_completed": len(self.history),
+            "rounds_completed": len(self.rounds_ended),
             "num_sites": self.num_sites,
             "seed": self.cfg.seed,
             "status": self.status if self.status != "running" else "completed",
@@ -254,6 +324,9 @@ class RunRecorder:
                 "accuracy": last.accuracy if last else None,
                 "auc": last.auc if last else None,
                 "loss": last.loss if last else None,
+                "round": last.round if last else None,  # the last evaluated round
+                # private: from the sum of the sites' noisy counts; exact: privacy=none
+                "evaluation": None if last is None else "private" if last.private else "exact",
             },
             "history": [
                 {
@@ -262,6 +335,7 @@ class RunRecorder:
                     "auc": r.auc,
                     "loss": r.loss,
                     "seconds": r.seconds,
+                    "private": r.private,
                 }
                 for r in self.history
             ],

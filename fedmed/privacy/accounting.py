@@ -68,10 +68,16 @@ class _NumpyFFT:
 @contextmanager
 def _accountant_context() -> Iterator[None]:
     """Opacus' accountants as a long-lived process needs them: no FFT plan cache, and quiet
-    (PRV bounds its domain with RDP, which warns when its best order is the largest one)."""
+    (PRV bounds its domain with RDP, which warns when its best order is the largest one; at
+    sample rate 1, an evaluation's Gaussian mechanism, PRV takes log(1 - q) = log 0 in a
+    branch ``np.where`` then discards)."""
     import scipy.fft
 
-    with warnings.catch_warnings(), scipy.fft.set_backend(_NumpyFFT):
+    with (
+        warnings.catch_warnings(),
+        scipy.fft.set_backend(_NumpyFFT),
+        np.errstate(divide="ignore"),
+    ):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
 

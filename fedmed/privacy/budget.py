@@ -1,12 +1,15 @@
 """A site's lifetime privacy budget, enforced by the site itself against its own ledger.
 
-The site's policy (budget, delta, accountant, ledger and key files, floors and caps) comes
-from its kit alone (``site_policy``); a simulated site without a kit gets one generated from
-the run (``fedmed.site.policy``). Before each round the site projects the epsilon it would
-reach after that round's steps, counting every entry already in its ledger (earlier rounds
-and earlier runs), and declines when the projection exceeds its budget (or this run's spend
-would exceed the kit's cap for one run). Nothing the coordinator sends can change that
-decision.
+The budget bounds epsilon for one record of the site. Its training and evaluation records
+are disjoint splits, each composing its own mechanisms (``fedmed.privacy.mechanisms``), so
+every release is checked against its split's lifetime epsilon, and the record guarantee is
+the worse of the two. The site's policy (budget, delta, accountant, ledger and key files,
+floors and caps) comes from its kit alone (``site_policy``); a simulated site without a kit
+gets one generated from the run (``fedmed.site.policy``). Before each release the site
+projects the epsilon its split would reach after it, counting every entry of that split
+already in its ledger (earlier rounds and earlier runs), and declines when the projection
+exceeds its budget (or this run's spend would exceed the kit's cap for one run). Nothing
+the coordinator sends can change that decision.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from fedmed.privacy.ledger import (
     open_ledger,
     parse_entries,
 )
+from fedmed.privacy.mechanisms import DP_SGD, SPLITS, TRAIN, record_epsilon
 
-MECHANISM = "dp_sgd_poisson_gaussian"
 LEDGER_SUFFIX = ".ledger.jsonl"
 
 
@@ -99,12 +102,12 @@ def site_policy(kit: SiteKit) -> SitePolicy:
     )
 
 
-def check_delta(site: str, delta: float, dataset_size: int) -> None:
+def check_delta(site: str, delta: float, dataset_size: int, records: str = "training") -> None:
     """Refuse a delta above 1/n: it would allow publishing one whole record outright."""
     if dataset_size < 1 or delta > 1.0 / dataset_size:
         raise SiteError(
             site,
-            f"delta={delta:g} is larger than 1/{dataset_size} (1 / this site's training "
+            f"delta={delta:g} is larger than 1/{dataset_size} (1 / this site's {records} "
             f"records); set privacy.delta (or the kit's privacy.delta) to at most "
             f"{1.0 / max(dataset_size, 1):.3g}",
         )
@@ -128,18 +131,22 @@ def decide(
     planned: DPSteps,
     policy: SitePolicy,
     run_spent: Sequence[DPSteps] = (),
+    split: str = TRAIN,
 ) -> RoundDecision:
-    """Train only if the epsilon after ``planned`` stays within the site's lifetime budget,
-    and, when the kit caps one run, this run's own epsilon (``run_spent``: the entries of
-    this run, a subset of ``spent``) within ``max_run_epsilon``."""
+    """Release only if the epsilon of ``split`` after ``planned`` (``spent``: that split's
+    entries) stays within the site's lifetime budget, and, when the kit caps one run, this
+    run's own epsilon of the split (``run_spent``, a subset of ``spent``) within
+    ``max_run_epsilon``. The other split is not touched by the release: its epsilon, already
+    within the budget, stays as it is."""
     after = cumulative_epsilon([*spent, planned], policy.delta, policy.accountant)
+    what = "this round" if split == TRAIN else f"this {split}"
     if after > policy.budget_epsilon:
         now = cumulative_epsilon(spent, policy.delta, policy.accountant)
         return RoundDecision(
             False,
             now,
-            f"privacy budget: this round would take epsilon from {now:.4f} to {after:.4f}, "
-            f"above the site's lifetime budget {policy.budget_epsilon:g} "
+            f"privacy budget: {what} would take the {split} records' epsilon from {now:.4f} "
+            f"to {after:.4f}, above the site's lifetime budget {policy.budget_epsilon:g} "
             f"(delta={policy.delta:g})",
         )
     cap = policy.max_run_epsilon
@@ -150,7 +157,7 @@ def decide(
             return RoundDecision(
                 False,
                 cumulative_epsilon(spent, policy.delta, policy.accountant),
-                f"run cap: this round would take this run's epsilon from {run_now:.4f} to "
+                f"run cap: {what} would take this run's {split} epsilon from {run_now:.4f} to "
                 f"{run_after:.4f}, above what the site's kit lets one run spend "
                 f"(privacy.max_run_epsilon: {cap:g}, delta={policy.delta:g})",
             )
@@ -186,20 +193,30 @@ class PrivacyAccount:
                 self.policy.public_key, None, "does not match this site's signing key"
             )
 
-    def spent(self) -> list[DPSteps]:
-        """Every mechanism run recorded so far, in ledger order."""
-        return [e.dp_steps for e in self.entries]
+    def spent(self, split: str = TRAIN) -> list[DPSteps]:
+        """Every mechanism run recorded so far on ``split``'s records, in ledger order."""
+        return [e.dp_steps for e in self.entries if e.split_name == split]
 
-    def epsilon(self, planned: DPSteps | None = None) -> float:
-        """Lifetime epsilon at the site's delta, after ``planned`` steps if given."""
-        records = self.spent() + ([planned] if planned is not None else [])
+    def epsilon(self, planned: DPSteps | None = None, split: str = TRAIN) -> float:
+        """Lifetime epsilon of ``split`` at the site's delta, after ``planned`` if given."""
+        records = self.spent(split) + ([planned] if planned is not None else [])
         return cumulative_epsilon(records, self.policy.delta, self.policy.accountant)
 
-    def decide(self, planned: DPSteps, run_id: str | None = None) -> RoundDecision:
-        """Train only if the epsilon after this round stays within the lifetime budget (and
-        run ``run_id``'s own epsilon within the kit's cap for one run)."""
-        run_spent = [e.dp_steps for e in self.entries if run_id is not None and e.run_id == run_id]
-        return decide(self.spent(), planned, self.policy, run_spent)
+    def split_epsilons(self) -> dict[str, float]:
+        """Each split's lifetime epsilon (splits with no release yet left out)."""
+        return {split: self.epsilon(split=split) for split in SPLITS if self.spent(split)}
+
+    def decide(
+        self, planned: DPSteps, run_id: str | None = None, split: str = TRAIN
+    ) -> RoundDecision:
+        """Release only if ``split``'s epsilon after it stays within the lifetime budget (and
+        run ``run_id``'s own epsilon of the split within the kit's cap for one run)."""
+        run_spent = [
+            e.dp_steps
+            for e in self.entries
+            if run_id is not None and e.run_id == run_id and e.split_name == split
+        ]
+        return decide(self.spent(split), planned, self.policy, run_spent, split)
 
     def record(
         self,
@@ -209,21 +226,27 @@ class PrivacyAccount:
         run_id: str,
         server_round: int,
         dataset_size: int,
-        max_grad_norm: float,
+        sensitivity: float,
         config_hash: str,
         code_version: str,
+        split: str = TRAIN,
+        mechanism: str = DP_SGD,
     ) -> LedgerEntry:
-        """Durably append this round's entry; call it before the update leaves the site."""
+        """Durably append this release's entry; call it before the release leaves the site.
+
+        ``epsilon`` is the split's lifetime epsilon after it (the decision's);
+        ``sensitivity`` the L2 bound on one record's contribution (DP-SGD: max_grad_norm).
+        """
         entry = LedgerEntry(
             site=self.policy.site,
             run_id=run_id,
             round=server_round,
             timestamp=datetime.datetime.now(datetime.UTC).isoformat(),
-            mechanism=MECHANISM,
+            mechanism=mechanism,
             dataset_size=dataset_size,
             sample_rate=planned.sample_rate,
             noise_multiplier=planned.noise_multiplier,
-            max_grad_norm=max_grad_norm,
+            max_grad_norm=sensitivity if mechanism == DP_SGD else None,
             steps=planned.steps,
             delta=self.policy.delta,
             accountant=accountant_record(self.policy.accountant),
@@ -231,6 +254,9 @@ class PrivacyAccount:
             budget_epsilon=self.policy.budget_epsilon,
             config_hash=config_hash,
             code_version=code_version,
+            split=split,
+            sensitivity=sensitivity,
+            record_epsilon=record_epsilon({**self.split_epsilons(), split: epsilon}),
         )
         chain = [e.as_dict() for e in self.entries]
         line = append_marked(self.policy.ledger, self.mark, entry.as_dict(), self._key, chain)
@@ -238,9 +264,16 @@ class PrivacyAccount:
         self.entries.append(signed)
         return signed
 
-    def noise_multiplier_of_run(self, run_id: str, config_hash: str) -> float | None:
-        """The noise this site already calibrated for this run, read back from its ledger."""
+    def noise_multiplier_of_run(
+        self, run_id: str, config_hash: str, split: str = TRAIN
+    ) -> float | None:
+        """The noise this site already calibrated for this run's ``split``, read back from
+        its ledger."""
         for entry in reversed(self.entries):
-            if entry.run_id == run_id and entry.config_hash == config_hash:
+            if (
+                entry.run_id == run_id
+                and entry.config_hash == config_hash
+                and entry.split_name == split
+            ):
                 return float(entry.noise_multiplier)
         return None

@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fedmed.errors import FedMedError
 from fedmed.kits.keys import write_private, write_public
 from fedmed.privacy.accounting import DPSteps
+from fedmed.privacy.mechanisms import TRAIN
 from fedmed.records import UNREAD, RecordError, field_names, read_fields, unknown_keys
 
 GENESIS_HASH = "0" * 64
@@ -96,7 +97,7 @@ class LedgerEntry:
     noise_multiplier: float
     steps: int
     delta: float
-    epsilon: float  # the site's lifetime epsilon after this round, at ``delta``
+    epsilon: float  # lifetime epsilon of the entry's split after this release, at ``delta``
     budget_epsilon: float
     # Optional: written by every fedmed so far, but not needed to recompute epsilon.
     timestamp: str | None = None
@@ -104,6 +105,10 @@ class LedgerEntry:
     accountant: dict[str, Any] | None = None  # name, library, version[, eps_error]
     config_hash: str | None = None
     code_version: str | None = None
+    # Since evaluations are released privately; absent: a DP-SGD round on the training split.
+    split: str | None = None  # the records the mechanism touched: "train" or "evaluation"
+    sensitivity: float | None = None  # L2 sensitivity of the release (DP-SGD: max_grad_norm)
+    record_epsilon: float | None = None  # one record of the site: the worse split's epsilon
     # The chain: set once the entry is appended (None on an entry not yet signed).
     prev_hash: str | None = None
     hash: str | None = None
@@ -139,6 +144,11 @@ class LedgerEntry:
     def dp_steps(self) -> DPSteps:
         """The mechanism this entry records, as the accountants compose it."""
         return DPSteps(float(self.noise_multiplier), float(self.sample_rate), self.steps)
+
+    @property
+    def split_name(self) -> str:
+        """The split whose records the entry's mechanism touched (older entries: training)."""
+        return self.split or TRAIN
 
     @property
     def accountant_name(self) -> str:

@@ -19,7 +19,7 @@ from fedmed.errors import ConfigError
 from fedmed.metrics import EvalStats
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import dp_config
-from fedmed.protocol import FitReport
+from fedmed.protocol import EvaluateReport, FitReport
 from fedmed.train import TrainSettings, evaluate, make_loader, round_seed, train_local
 
 
@@ -62,7 +62,7 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
         def pooled_round(server_round: int, loss: float, stats: dict[str, EvalStats]) -> None:
             for site in sites:
                 recorder.record_fit(server_round, len(site.y_train), _fit(site, loss))
-            recorder.record_evaluation(server_round, stats)
+            recorder.record_evaluation(server_round, _reports(stats))
             recorder.start_round()
 
         recorder.start_round()
@@ -80,5 +80,10 @@ def run_baseline(cfg: BaselineConfig, output_dir: Path) -> dict[str, Any]:
             _train_rounds(cfg, site.x_train, site.y_train, [site], local_round)
         recorder.start_round()
         for server_round in sorted(per_round):
-            recorder.record_evaluation(server_round, per_round[server_round])
+            recorder.record_evaluation(server_round, _reports(per_round[server_round]))
     return recorder.write()
+
+
+def _reports(stats: dict[str, EvalStats]) -> list[EvaluateReport]:
+    """The baselines' exact evaluations, as a non-private site reports them."""
+    return [EvaluateReport(site, site_stats) for site, site_stats in stats.items()]

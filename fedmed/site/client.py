@@ -18,6 +18,7 @@ from flwr.client import NumPyClient
 from fedmed.config.schema import FedMedConfig, site_faults
 from fedmed.data import load_site
 from fedmed.errors import SiteError
+from fedmed.metrics import EvalStats, released_counts
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
 from fedmed.privacy.dp_sgd import (
@@ -26,6 +27,13 @@ from fedmed.privacy.dp_sgd import (
     run_noise_multiplier,
     train_private,
 )
+from fedmed.privacy.evaluation import (
+    SENSITIVITY,
+    add_noise,
+    evaluation_noise_multiplier,
+    evaluation_steps,
+)
+from fedmed.privacy.mechanisms import EVALUATION, EVALUATION_COUNTS
 from fedmed.protocol import EvaluateReport, FitReport, PrivacyReport
 from fedmed.provenance import code_version, config_hash
 from fedmed.secure.update_checks import update_problem
@@ -51,6 +59,8 @@ from fedmed.train import (
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# Seeded experiments: the evaluation noise draws from another stream than the round's DP-SGD.
+EVALUATION_SEED = 0x5EED_E7A1
 
 
 def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
@@ -166,10 +176,14 @@ class HospitalSite(NumPyClient):
                 next(iter(model.parameters())).fill_(math.nan)
 
     def _release(
-        self, delta: list[np.ndarray], train_loss: float, privacy: PrivacyReport | None = None
+        self,
+        delta: list[np.ndarray],
+        train_loss: float | None,
+        privacy: PrivacyReport | None = None,
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """The update leaves the site here (masked by SecAgg+ when it is on), with its report:
-        nothing else leaves the site besides model arrays."""
+        nothing else leaves the site besides model arrays. Under DP the training loss stays
+        at the site (it is a statistic of the training records outside DP-SGD)."""
         n = len(self.data.y_train)
         return delta, n, FitReport(self.name, n, train_loss, privacy).to_metrics()
 
@@ -237,24 +251,79 @@ class HospitalSite(NumPyClient):
             run_id=self.runtime.run_id,
             server_round=server_round,
             dataset_size=n,
-            max_grad_norm=dp.max_grad_norm,
+            sensitivity=dp.max_grad_norm,
             config_hash=run_hash,
             code_version=code_version(),
         )
-        return self._release(
-            delta, result.loss, dataclasses.replace(report, ledger_entry=entry.hash)
-        )
+        return self._release(delta, None, dataclasses.replace(report, ledger_entry=entry.hash))
 
     @_site_errors
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, Any]]:
-        """Evaluate the global model on this site's test split; only counts leave the site."""
+        """Evaluate the global model on this site's test split; only counts leave the site
+        (under DP: noisy counts, within the site's budget, in its ledger first)."""
         model = self._model_with(parameters)
         stats = evaluate(
             model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
         )
-        return stats.loss, stats.num_examples, EvaluateReport(self.name, stats).to_metrics()
+        if dp_config(self.cfg) is not None:
+            server_round = int(config.get("server_round", 0))
+            report = self._evaluate_private(stats, server_round)
+            return 0.0, report.num_examples, report.to_metrics()
+        loss = stats.loss if stats.loss is not None else 0.0
+        return loss, stats.num_examples, EvaluateReport(self.name, stats).to_metrics()
+
+    def _evaluate_private(self, stats: EvalStats, server_round: int) -> EvaluateReport:
+        """The Gaussian mechanism on the test split's counts, within the evaluation split's
+        share of the site's lifetime budget; declined (nothing released) beyond it."""
+        policy = site_policy(self.setup.kit)
+        n = len(self.data.y_test)
+        check_delta(self.name, policy.delta, n, records="test")
+        account = PrivacyAccount(policy)
+        run_hash = config_hash(self.cfg)
+        sigma = account.noise_multiplier_of_run(
+            self.runtime.run_id, run_hash, EVALUATION
+        ) or evaluation_noise_multiplier(self.cfg, policy)
+        planned = evaluation_steps(sigma)
+        decision = account.decide(planned, run_id=self.runtime.run_id, split=EVALUATION)
+        report = PrivacyReport(
+            epsilon=decision.epsilon,
+            budget_epsilon=policy.budget_epsilon,
+            delta=policy.delta,
+            noise_multiplier=sigma,
+            sample_rate=planned.sample_rate,
+            steps=planned.steps,
+            ledger=str(policy.ledger),
+            accountant=policy.accountant,
+        )
+        if not decision.train:
+            log.warning("site %s declines evaluation %d: %s", self.name, server_round,
+                        decision.reason)  # fmt: skip
+            declined = dataclasses.replace(report, steps=0, declined=decision.reason)
+            return EvaluateReport(self.name, num_examples=n, privacy=declined)
+        dp = dp_config(self.cfg)
+        assert dp is not None
+        rng = None
+        if dp.noise_seed is not None:
+            seed = self._reproducible_rng(dp.noise_seed, server_round)
+            assert seed is not None
+            rng = np.random.default_rng(int(seed.initial_seed()) ^ EVALUATION_SEED)
+        noisy = add_noise(released_counts(stats), sigma, rng)
+        entry = account.record(
+            planned,
+            decision.epsilon,
+            run_id=self.runtime.run_id,
+            server_round=server_round,
+            dataset_size=n,
+            sensitivity=SENSITIVITY,
+            config_hash=run_hash,
+            code_version=code_version(),
+            split=EVALUATION,
+            mechanism=EVALUATION_COUNTS,
+        )
+        released = dataclasses.replace(report, ledger_entry=entry.hash)
+        return EvaluateReport(self.name, num_examples=n, noisy_counts=noisy, privacy=released)
 
     def _reproducible_rng(
         self, noise_seed: int | None, server_round: int

@@ -16,8 +16,8 @@ from fedmed.audit.verify import Window, allowed_window
 from fedmed.data.canaries import canary_inputs
 from fedmed.models.canary import CanaryHead
 from fedmed.privacy.accounting import DPSteps, accountant_record, cumulative_epsilon
-from fedmed.privacy.budget import MECHANISM
 from fedmed.privacy.ledger import LedgerEntry
+from fedmed.privacy.mechanisms import DP_SGD
 
 SIGNIFICANCE = 0.05
 
@@ -91,7 +91,7 @@ def _written(steps: tuple[DPSteps, ...], accountant: str) -> tuple[LedgerEntry, 
             site="cleveland",
             run_id="units",
             round=n,
-            mechanism=MECHANISM,
+            mechanism=DP_SGD,
             dataset_size=227,
             noise_multiplier=steps[n - 1].noise_multiplier,
             sample_rate=steps[n - 1].sample_rate,

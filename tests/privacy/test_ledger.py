@@ -313,7 +313,8 @@ def test_a_ledger_written_before_ledger_entry_reads_back_byte_for_byte() -> None
 
 
 def test_the_writer_still_writes_the_lines_it_wrote_before(tmp_path: Path) -> None:
-    """The same keys as the old writer's line, and the entry it returns is the line."""
+    """The old writer's keys plus only the new optional ones (the schema grows), and the
+    entry it returns is the line."""
     policy = SitePolicy(
         "cleveland", 10.0, 1e-3, "prv", tmp_path / "c.ledger.jsonl", tmp_path / "k" / "c.key"
     )
@@ -321,10 +322,12 @@ def test_the_writer_still_writes_the_lines_it_wrote_before(tmp_path: Path) -> No
     plan = DPSteps(1.99, 16 / 227, 15)
     entry = account.record(
         plan, account.epsilon(plan), run_id="r", server_round=1, dataset_size=227,
-        max_grad_norm=1.0, config_hash="0123456789abcdef", code_version="fedmed test",
+        sensitivity=1.0, config_hash="0123456789abcdef", code_version="fedmed test",
     )  # fmt: skip
     [line] = _lines(policy.ledger)
-    assert set(json.loads(line)) == set(json.loads(_lines(OLD_LEDGER)[0]))
+    new_keys = {"split", "sensitivity", "record_epsilon"}  # since private evaluation
+    assert set(json.loads(line)) == set(json.loads(_lines(OLD_LEDGER)[0])) | new_keys
+    assert json.loads(line)["max_grad_norm"] == 1.0 and entry.split_name == "train"
     assert entry.to_json() + "\n" == line and entry.hash == json.loads(line)["hash"]
     assert PrivacyAccount(policy).entries == [entry]
 

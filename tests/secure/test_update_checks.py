@@ -47,7 +47,7 @@ def test_coordinator_drops_unsound_updates_and_averages_the_rest(tmp_path: Path)
     cfg = compose_config(["dataset=heart", "model=svm"])
     recorder = RunRecorder(cfg, tmp_path, 4)
     inner = build_strategy(cfg, 4, ndarrays_to_parameters(GLOBAL))
-    strategy = FederatedStrategy(inner, recorder, min_sites=2)
+    strategy = FederatedStrategy(inner, recorder, min_sites=2, evaluation_rounds=[1])
     strategy.global_weights = [a.copy() for a in GLOBAL]
     good_a = [np.full((2, 3), 1.0, np.float32), np.full(2, 1.0, np.float32)]
     good_b = [np.full((2, 3), 4.0, np.float32), np.full(2, 4.0, np.float32)]
