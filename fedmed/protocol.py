@@ -51,6 +51,11 @@ __all__ = [
 SITE_RECORD = "fedmed.site"
 SITE_KEY = "site"  # the site's name: in SITE_RECORD and in every metrics record a site sends
 NUM_EXAMPLES_KEY = "num_examples"
+# Under DP with SecAgg+ the sites' evaluation travels as a SecAgg+ "fit" whose config names
+# this task (Flower's SecAgg+ workflow only aggregates fits): the masked vector is the
+# site's noisy counts, and the global model is left as it is.
+TASK_KEY = "fedmed.task"
+EVALUATE_TASK = "evaluate"
 NOISY_COUNTS_KEY = "noisy_counts"  # a DP evaluation's released counts (float64 bytes)
 
 
@@ -128,10 +133,12 @@ class EvaluateReport:
         return out
 
     @classmethod
-    def from_metrics(cls, metrics: Mapping[str, Any]) -> EvaluateReport:
+    def from_metrics(cls, metrics: Mapping[str, Any], masked: bool = False) -> EvaluateReport:
+        """The report of an evaluation reply; ``masked``: a SecAgg+ evaluation, whose counts
+        travelled in the masked vector (only their sum is known)."""
         site = read_fields(cls, metrics, "evaluate report")[SITE_KEY]
         if "epsilon" in metrics:
-            return cls._private(site, metrics)
+            return cls._private(site, metrics, masked)
         try:
             stats = EvalStats.from_metrics(dict(metrics))
         except (KeyError, TypeError, ValueError) as exc:
@@ -139,7 +146,7 @@ class EvaluateReport:
         return cls(site, stats)
 
     @classmethod
-    def _private(cls, site: str, metrics: Mapping[str, Any]) -> EvaluateReport:
+    def _private(cls, site: str, metrics: Mapping[str, Any], masked: bool) -> EvaluateReport:
         privacy = PrivacyReport(**read_fields(PrivacyReport, metrics, "evaluate report"))
         fields = read_fields(cls, metrics, "evaluate report")
         raw = metrics.get(NOISY_COUNTS_KEY)
@@ -150,7 +157,9 @@ class EvaluateReport:
             counts = np.frombuffer(raw, dtype=np.float64)
             if not np.isfinite(counts).all():
                 raise RecordError(f"evaluate report: '{NOISY_COUNTS_KEY}' is not finite")
-        if counts is None and privacy.declined is None:
+        if counts is not None and masked:
+            raise RecordError(f"evaluate report: '{NOISY_COUNTS_KEY}' sent beside SecAgg+")
+        if counts is None and privacy.declined is None and not masked:
             raise RecordError(f"evaluate report lacks {NOISY_COUNTS_KEY}")
         return cls(site, None, int(fields.get(NUM_EXAMPLES_KEY, 0)), counts, privacy)
 
@@ -171,6 +180,7 @@ class Release(StrEnum):
     PRIVATE_STATISTIC = "private statistic: a Gaussian mechanism, in the ledger before it leaves"
     PUBLIC = "public metadata: no function of a record beyond the split sizes"
     PROTOCOL = "protocol field: Flower's or SecAgg+'s own, or a constant"
+    MASKED = "masked vector (SecAgg+): a model update or noisy evaluation counts, in the ledger"
     EXACT = "exact statistic: sent only with privacy=none (no guarantee is claimed)"
 
 
@@ -204,12 +214,26 @@ RELEASES: dict[str, dict[str, Release]] = {
     # SecAgg+: public keys, encrypted key shares, the masked update vector, unmask shares.
     "secaggplus_configs": {
         **{key: Release.PROTOCOL for key in ("pk1", "pk2", "ctxts", "dsts", "nids", "shares")},
-        "masked_params": Release.MODEL_UPDATE,
+        "masked_params": Release.MASKED,
     },
     SITE_RECORD: {SITE_KEY: Release.PUBLIC},
 }
-# The mechanism behind each kind of private release (its ledger entry's ``mechanism``).
-MECHANISM_OF = {Release.MODEL_UPDATE: DP_SGD, Release.PRIVATE_STATISTIC: EVALUATION_COUNTS}
+# The mechanisms a value of each private kind may come from (its ledger entry's ``mechanism``).
+MECHANISMS_OF = {
+    Release.MODEL_UPDATE: (DP_SGD,),
+    Release.PRIVATE_STATISTIC: (EVALUATION_COUNTS,),
+    Release.MASKED: (DP_SGD, EVALUATION_COUNTS),  # by the request's task
+}
+LEDGERED = tuple(MECHANISMS_OF)  # the kinds whose reply must name its ledger entry under DP
+
+
+def declared(record: str, key: str) -> Release | None:
+    """What the inventory declares the value ``key`` of reply record ``record``; None: not
+    declared (it must not leave a site)."""
+    keys = RELEASES.get(record)
+    if keys is None:
+        return None
+    return keys.get(key, keys.get("*"))
 
 
 def _present(report: object, keys: tuple[str, ...]) -> dict[str, Scalar]:

@@ -25,9 +25,11 @@ from fedmed.coordinator.grid import (
 )
 from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.secagg import RecordedSecAggPlusWorkflow
+from fedmed.coordinator.secure_evaluation import SecureEvaluationWorkflow
 from fedmed.coordinator.strategies import build_strategy
 from fedmed.data import data_schema, num_sites, site_names
 from fedmed.models import build_model
+from fedmed.privacy.budget import dp_config
 from fedmed.secure.params import resolve_secagg
 from fedmed.train import get_weights, set_weights
 
@@ -99,6 +101,13 @@ def run_coordinator(
     fit_workflow = (
         RecordedSecAggPlusWorkflow(secure, strategy, recorder) if secure is not None else None
     )
+    # Under DP the sites' noisy counts travel through SecAgg+ too; without DP the exact
+    # per-site evaluation stays as it is (privacy=none claims no guarantee).
+    evaluate_workflow = (
+        SecureEvaluationWorkflow(secure, strategy, recorder)
+        if secure is not None and dp_config(cfg) is not None
+        else None
+    )
     try:
         if done < cfg.federation.rounds:
             observed = ObservedGrid(
@@ -111,7 +120,8 @@ def run_coordinator(
                 run_sites=site_names(cfg) if registry is not None else None,
             )
             observed.wait_for_sites(total_sites, cfg.federation.connect_timeout)
-            DefaultWorkflow(fit_workflow=fit_workflow)(observed, legacy)  # type: ignore[arg-type]
+            workflow = DefaultWorkflow(fit_workflow, evaluate_workflow)
+            workflow(observed, legacy)  # type: ignore[arg-type]
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)
     finally:

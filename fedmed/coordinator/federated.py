@@ -149,11 +149,17 @@ class FederatedStrategy(Strategy):
         a round without one still ends here, with its progress line and checkpoint."""
         server_round += self.round_offset
         if server_round not in self.evaluation_rounds:
-            self.recorder.record_unevaluated(server_round)
-            if self.on_round_done is not None:
-                self.on_round_done(server_round)
+            self.end_round(server_round, evaluated=False)
             return []
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def end_round(self, server_round: int, evaluated: bool) -> None:
+        """The round is over: its progress line when no evaluation printed one, its
+        checkpoint."""
+        if not evaluated:
+            self.recorder.record_unevaluated(server_round)
+        if self.on_round_done is not None:
+            self.on_round_done(server_round)
 
     def aggregate_evaluate(
         self,
@@ -177,8 +183,7 @@ class FederatedStrategy(Strategy):
             loss, metrics = record.loss, {"accuracy": record.accuracy}
             if record.auc is not None:
                 metrics["auc"] = record.auc
-        if self.on_round_done is not None:
-            self.on_round_done(server_round)
+        self.end_round(server_round, evaluated=True)
         return loss, metrics
 
     def evaluate(

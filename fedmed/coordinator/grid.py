@@ -117,8 +117,16 @@ class ObservedGrid:
         if self.registry is not None:
             replies = [r for r in replies if self._admit(r, by_id[r.metadata.reply_to_message_id])]
         for reply in replies:
+            message = by_id[reply.metadata.reply_to_message_id]
             if reply.has_error():
-                self._name_error(reply, by_id[reply.metadata.reply_to_message_id])
+                self._name_error(reply, message)
+            else:
+                self._recorder.record_reply(
+                    int(message.metadata.group_id or 0) + self._round_offset,
+                    self.site_name(reply.metadata.src_node_id),
+                    _stage(message),
+                    reply.content,
+                )
         for message in sent:  # the Grid gave each sent message its id
             if message.metadata.message_id not in answered:
                 self._recorder.record_no_reply(

@@ -24,6 +24,7 @@ from flwr.common import Error
 from fedmed.config.schema import FedMedConfig
 from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.coordinator.receipts import ReceiptBook
+from fedmed.coordinator.releases import ReleaseLog
 from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.errors import REFUSES
 from fedmed.metrics import EvalStats, stats_from_counts
@@ -126,6 +127,7 @@ class RunRecorder:
     receipt_key: Path | None = None  # the coordinator's receipt key (default: in output_dir)
     privacy: PrivacyLog = field(init=False)
     receipts: ReceiptBook = field(init=False)
+    releases: ReleaseLog = field(init=False)
     secure: SecureAggregationLog = field(default_factory=SecureAggregationLog)
     _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _trained: dict[int, set[str]] = field(default_factory=dict)
@@ -135,6 +137,7 @@ class RunRecorder:
     def __post_init__(self) -> None:
         self.privacy = PrivacyLog(self.cfg)
         self.receipts = ReceiptBook(self.output_dir, self.receipt_key)
+        self.releases = ReleaseLog(self.output_dir, self.privacy.enabled)
 
     def start_round(self) -> None:
         self._round_started = time.perf_counter()
@@ -167,6 +170,15 @@ class RunRecorder:
             self.failures.append(Failure(site, server_round, stage, message))
             log.info(f"round {server_round:>3} | {stage} failed at {site}: {message}")
 
+    def record_reply(self, server_round: int, site: str, stage: str, content: Any) -> None:
+        """Every value of a site's reply, against the protocol's inventory (releases.jsonl);
+        a value outside it is the site's failure."""
+        found = self.releases.record(server_round, site, stage, content)
+        if found:
+            message = f"site '{site}': sent values outside the inventory: {'; '.join(found)}"
+            self.failures.append(Failure(site, server_round, stage, message))
+            log.info(f"round {server_round:>3} | {stage} failed at {site}: {message}")
+
     def record_rejected(self, server_round: int, site: str, problem: str) -> None:
         """An update the coordinator refused (a site that skipped or lacks its own checks)."""
         message = f"update rejected by the coordinator: {problem}"
@@ -191,13 +203,18 @@ class RunRecorder:
         log.info(f"round {server_round:>3} | {reason}")
 
     def record_evaluation(
-        self, server_round: int, reports: list[EvaluateReport]
+        self,
+        server_round: int,
+        reports: list[EvaluateReport],
+        masked_sum: np.ndarray | None = None,
     ) -> RoundRecord | None:
         """The sites' evaluations of the global model: exact per-site rows without DP; under DP
         each site's release is accounted (and receipted) and only the sum of the noisy counts
-        becomes figures. Prints the round's progress line; None when no site evaluated."""
+        becomes figures (``masked_sum``: that sum as SecAgg+ unmasked it, the reports then
+        carrying no counts). Prints the round's progress line; None when no site evaluated."""
         exact = {r.site: r.stats for r in reports if r.stats is not None}
-        private = [r for r in reports if r.noisy_counts is not None]
+        released = [r for r in reports if r.privacy is not None and r.declined is None]
+        private = [r for r in released if r.noisy_counts is not None or masked_sum is not None]
         for report in reports:
             if report.privacy is not None:
                 self._record_evaluation_privacy(server_round, report)
@@ -205,7 +222,9 @@ class RunRecorder:
             merged = EvalStats.merge(list(exact.values()))
             self._site_rows(server_round, exact)
         elif private:
-            counts = np.sum([r.noisy_counts for r in private if r.noisy_counts is not None], axis=0)
+            counts = masked_sum
+            if counts is None:
+                counts = np.sum([r.noisy_counts for r in private if r.noisy_counts is not None], 0)
             merged = stats_from_counts(counts, sum(r.num_examples for r in private))
             self._private_rows(server_round, private, merged)
         else:

@@ -80,6 +80,12 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
     def __call__(self, grid: Grid, context: Any) -> None:
         server_round = self._current_round(context)
+        self._run(grid, context)
+        if self.strategy.last_aggregated_round != server_round:
+            self._round_failed(server_round)
+
+    def _run(self, grid: Grid, context: LegacyContext) -> None:
+        """One SecAgg+ round of Flower's workflow, on the observed grid."""
         observed = (
             grid
             if isinstance(grid, ObservedGrid)
@@ -87,8 +93,6 @@ class RecordedSecAggPlusWorkflow(SecAggPlusWorkflow):
         )
         self._grid = observed
         super().__call__(observed, context)  # type: ignore[arg-type]
-        if self.strategy.last_aggregated_round != server_round:
-            self._round_failed(server_round)
 
     def _current_round(self, context: LegacyContext) -> int:
         """The run's round number (Flower's count plus the rounds done before a resume)."""

@@ -34,7 +34,7 @@ from fedmed.privacy.evaluation import (
     evaluation_steps,
 )
 from fedmed.privacy.mechanisms import EVALUATION, EVALUATION_COUNTS
-from fedmed.protocol import EvaluateReport, FitReport, PrivacyReport
+from fedmed.protocol import EVALUATE_TASK, TASK_KEY, EvaluateReport, FitReport, PrivacyReport
 from fedmed.provenance import code_version, config_hash
 from fedmed.secure.update_checks import update_problem
 from fedmed.site.gate import (
@@ -135,8 +135,11 @@ class HospitalSite(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
-        """Train locally from the global model and return the delta (new - global)."""
+        """Train locally from the global model and return the delta (new - global); or, asked
+        for the evaluation task under SecAgg+, the noisy counts to be masked."""
         server_round = int(config.get("server_round", 0))
+        if config.get(TASK_KEY) == EVALUATE_TASK:
+            return self._evaluate_masked(parameters, server_round)
         if dp_config(self.cfg) is not None:
             return self._fit_private(parameters, server_round)
         model = self._model_with(parameters)
@@ -273,6 +276,28 @@ class HospitalSite(NumPyClient):
             return 0.0, report.num_examples, report.to_metrics()
         loss = stats.loss if stats.loss is not None else 0.0
         return loss, stats.num_examples, EvaluateReport(self.name, stats).to_metrics()
+
+    def _evaluate_masked(
+        self, parameters: list[np.ndarray], server_round: int
+    ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """A DP evaluation for SecAgg+ (``fedmed.coordinator.secure_evaluation``): the noisy
+        counts / max_weight as the one array to mask (zeros when the site declines), weight
+        max_weight; beside it only the public test-split size and the accounting."""
+        if self.secure is None or dp_config(self.cfg) is None:
+            raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
+        model = self._model_with(parameters)
+        stats = evaluate(
+            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
+        )
+        report = self._evaluate_private(stats, server_round)
+        counts = report.noisy_counts
+        if counts is None:  # declined: adds nothing to the sum
+            counts = np.zeros_like(released_counts(stats))
+        vector = [counts / self.secure.max_weight]
+        weight = int(self.secure.max_weight)
+        self.secure.check_update(self.name, vector, weight)
+        masked = dataclasses.replace(report, noisy_counts=None)
+        return vector, weight, masked.to_metrics()
 
     def _evaluate_private(self, stats: EvalStats, server_round: int) -> EvaluateReport:
         """The Gaussian mechanism on the test split's counts, within the evaluation split's
