@@ -38,10 +38,31 @@ def run_cli(command: str, args: list[str]) -> tuple[subprocess.CompletedProcess[
 
 
 def run(command: str, overrides: list[str], workdir: Path) -> tuple[dict[str, Any], float]:
-    """Run one fedmed command; returns its summary and the wall time of the whole process."""
+    """Run one fedmed command; returns its summary and the wall time of the whole process.
+
+    A run whose evaluation was private (DP) also gets ``exact``: the researcher's exact
+    evaluation of its global model (``model_utility``), to measure the model itself.
+    """
     out = Path(tempfile.mkdtemp(dir=workdir))
     _, wall = run_cli(command, [*overrides, f"hydra.run.dir={out}"])
-    return json.loads((out / "summary.json").read_text()), wall
+    return with_exact_evaluation(out), wall
+
+
+def with_exact_evaluation(run_dir: Path) -> dict[str, Any]:
+    """A run's summary, with ``exact`` figures of its global model when it evaluated privately."""
+    from fedmed.runs.exact_evaluation import exact_evaluation
+
+    summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
+    if summary["global"].get("evaluation") == "private":
+        exact = exact_evaluation(run_dir)
+        summary["exact"] = {"accuracy": exact.accuracy, "auc": exact.auc, "loss": exact.loss}
+    return summary
+
+
+def model_utility(summary: dict[str, Any]) -> dict[str, Any]:
+    """The global model's figures: exact (a DP run's private ones are noisy estimates)."""
+    exact: dict[str, Any] | None = summary.get("exact")
+    return exact if exact is not None else summary["global"]
 
 
 PAGE = os.sysconf("SC_PAGE_SIZE")

@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, mean_sd, quick_subset, run, run_cli
+from common import (
+    RESULTS,
+    mean_sd,
+    model_utility,
+    quick_subset,
+    run,
+    run_cli,
+    with_exact_evaluation,
+)
 
 HEART_DP = ["dataset=heart", "privacy=dp", "privacy.target_epsilon=1.0", "privacy.delta=1e-3"]
 HEART_DP += ["secagg=off"]
@@ -36,8 +44,8 @@ def _federated(overrides: list[str], seeds: list[int], workdir: Path) -> dict[st
     accs, aucs, eps = [], [], []
     for seed in seeds:
         summary, _ = run("simulate", [*overrides, f"seed={seed}"], workdir)
-        accs.append(summary["global"]["accuracy"])
-        aucs.append(summary["global"]["auc"])
+        accs.append(model_utility(summary)["accuracy"])
+        aucs.append(model_utility(summary)["auc"])
         eps.append(_max_epsilon(summary))
     row = {
         "accuracy": mean_sd(accs),
@@ -77,12 +85,12 @@ def sweep(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dic
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
         level = next(lv for lv in [*SWEEP_EPSILON, "none"] if f"+epsilon={lv}\n" in overrides)
-        summary = json.loads(summary_path.read_text())
+        summary = with_exact_evaluation(summary_path.parent)
         cell: dict[str, list[Any]] = by_level.setdefault(
             level, {"accuracy": [], "auc": [], "max_site_epsilon": []}
         )
-        cell["accuracy"].append(summary["global"]["accuracy"])
-        cell["auc"].append(summary["global"]["auc"])
+        cell["accuracy"].append(model_utility(summary)["accuracy"])
+        cell["auc"].append(model_utility(summary)["auc"])
         cell["max_site_epsilon"].append(_max_epsilon(summary))
     rows = {
         level: {

@@ -31,6 +31,12 @@ FULL_RUNS: list[tuple[str, str, list[str]]] = [
         ["--only", "timing", "--sites", "20", "50", "--num-shares", "11"],
     ),
     ("audit", "audit.py", []),
+    ("private_evaluation", "private_evaluation.py", ["--only", "demo", "every_round"]),
+    (
+        "private_evaluation",
+        "private_evaluation.py",
+        ["--only", "pneumonia", "--seeds", "0", "1", "2"],
+    ),
     ("overhead", "overhead.py", []),
     ("scale", "scale.py", []),
     ("memory", "memory.py", []),

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from common import RESULTS, mean_sd, run, run_cli
+from common import RESULTS, mean_sd, model_utility, run, run_cli
 
 HEART_DP = ["dataset=heart", "model=svm", "privacy=dp", "privacy.target_epsilon=1.0"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "dataset.partition=iid"]
@@ -38,9 +38,9 @@ def accuracy(seeds: list[int], extra: list[str], workdir: Path) -> dict[str, Any
         rows["per_seed"].append(
             {
                 "seed": seed,
-                "accuracy_off": off["global"]["accuracy"],
-                "accuracy_secagg": on["global"]["accuracy"],
-                "difference": on["global"]["accuracy"] - off["global"]["accuracy"],
+                "accuracy_off": model_utility(off)["accuracy"],
+                "accuracy_secagg": model_utility(on)["accuracy"],
+                "difference": model_utility(on)["accuracy"] - model_utility(off)["accuracy"],
                 "error_bound": on["secure_aggregation"]["max_quantization_error"],
             }
         )

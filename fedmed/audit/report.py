@@ -31,7 +31,7 @@ from fedmed.audit.verify import (
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
 from fedmed.plots import panels
-from fedmed.privacy.evaluation import SENSITIVITY, STATISTICS
+from fedmed.privacy.evaluation import SENSITIVITY
 from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, SPLITS, TRAIN
 
 STATEMENT = "privacy_statement"
@@ -325,7 +325,7 @@ def statement_markdown(
     entries = [(a.site or "?", e) for a in audits for e in a.entries]
     acc = independent_accountants()
     writers = sorted({e.accountant for _, e in entries}) or ["none recorded"]
-    clips = sorted({str(e.max_grad_norm) for _, e in entries})
+    clips = sorted({str(e.max_grad_norm) for _, e in entries if e.split == TRAIN})
     receipts_text = (
         f"; {sum(len(b.receipts) for b in books)} coordinator receipt(s) cross-checked"
         if books
@@ -343,9 +343,11 @@ def statement_markdown(
         "split's epsilon, and the site's is the larger of the two (column 'site epsilon').",
         f"- Training split: `{DP_SGD}` — DP-SGD with Poisson sampling, per-sample gradient "
         f"clipping (max_grad_norm {', '.join(clips) or 'n/a'}) and Gaussian noise.",
-        f"- Evaluation split: `{EVALUATION_COUNTS}` — the test split's counts ({STATISTICS}) "
+        f"- Evaluation split: `{EVALUATION_COUNTS}` — the test split's counts "
         f"plus Gaussian noise, L2 sensitivity {SENSITIVITY:g} (one record is one count), one "
-        "Gaussian mechanism per evaluation.",
+        "Gaussian mechanism per evaluation. Released, as the entries record it: "
+        + ("; ".join(sorted({f"{e.released}" for _, e in entries if e.released})) or "none")
+        + ".",
         f"- Accountant that wrote the ledgers: {', '.join(writers)}.",
         f"- Independent recomputation: {acc['library']} {acc['version']}, PLD accountant "
         "(reference for PRV) and RDP accountant over Opacus' orders (reference for RDP); a "

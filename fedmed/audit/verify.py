@@ -112,6 +112,7 @@ class EntryCheck:
     split: str = "train"  # the records the release touched: train or evaluation
     mechanism: str = "dp_sgd_poisson_gaussian"
     sensitivity: float | None = None
+    released: str | None = None  # an evaluation's counts, in words
 
     @property
     def reference_epsilon(self) -> float:
@@ -270,6 +271,7 @@ def _entry_check(line: int, entry: LedgerEntry, pld: float, rdp: float) -> Entry
         split=entry.split_name,
         mechanism=entry.mechanism,
         sensitivity=entry.sensitivity if entry.sensitivity is not None else entry.max_grad_norm,
+        released=entry.released,
     )
 
 

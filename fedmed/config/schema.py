@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fedmed.errors import ConfigError
+from fedmed.metrics import margin_edges_problem
 
 # SecAgg+ masks and sums live modulo 2^32 (Flower's default modulus_range).
 MODULUS_RANGE = 2**32
@@ -243,6 +244,9 @@ class DpConfig(PrivacyConfig):
     # split: its noise is calibrated for the run's planned evaluations); null: target_epsilon
     # (with a fixed noise_multiplier: each site's budget).
     evaluation_epsilon: float | None = None
+    # Binary tasks: the logit-margin bins whose counts per class an evaluation releases (0
+    # must be an edge: the decision threshold). More bins: a finer AUC, more noise in sums.
+    evaluation_margin_edges: list[float] = field(default_factory=lambda: [-1.0, 0.0, 1.0])
 
 
 @dataclass
@@ -481,6 +485,13 @@ def _validate_dp(p: DpConfig, kits_state_budgets: bool) -> None:
         "privacy.target_epsilon",
         p.target_epsilon,
         "a number > 0 (or set privacy.noise_multiplier)",
+    )
+    edges_problem = margin_edges_problem(p.evaluation_margin_edges)
+    _require(
+        edges_problem is None,
+        "privacy.evaluation_margin_edges",
+        list(p.evaluation_margin_edges),
+        f"sorted logit margins including 0 ({edges_problem})",
     )
     _require(
         p.evaluation_epsilon is None

@@ -29,6 +29,7 @@ from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.errors import REFUSES
 from fedmed.metrics import EvalStats, stats_from_counts
 from fedmed.plots import chart
+from fedmed.privacy.budget import dp_config
 from fedmed.protocol import EvaluateReport, FitReport
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,10 @@ class RunRecorder:
             counts = masked_sum
             if counts is None:
                 counts = np.sum([r.noisy_counts for r in private if r.noisy_counts is not None], 0)
-            merged = stats_from_counts(counts, sum(r.num_examples for r in private))
+            dp = dp_config(self.cfg)
+            assert dp is not None, "only DP sites release noisy counts"
+            n = sum(r.num_examples for r in private)
+            merged = stats_from_counts(counts, n, dp.evaluation_margin_edges)
             self._private_rows(server_round, private, merged)
         else:
             self.record_unevaluated(server_round, "no site evaluated")

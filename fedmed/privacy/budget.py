@@ -231,6 +231,7 @@ class PrivacyAccount:
         code_version: str,
         split: str = TRAIN,
         mechanism: str = DP_SGD,
+        released: str | None = None,
     ) -> LedgerEntry:
         """Durably append this release's entry; call it before the release leaves the site.
 
@@ -257,6 +258,7 @@ class PrivacyAccount:
             split=split,
             sensitivity=sensitivity,
             record_epsilon=record_epsilon({**self.split_epsilons(), split: epsilon}),
+            released=released,
         )
         chain = [e.as_dict() for e in self.entries]
         line = append_marked(self.policy.ledger, self.mark, entry.as_dict(), self._key, chain)

@@ -109,6 +109,7 @@ class LedgerEntry:
     split: str | None = None  # the records the mechanism touched: "train" or "evaluation"
     sensitivity: float | None = None  # L2 sensitivity of the release (DP-SGD: max_grad_norm)
     record_epsilon: float | None = None  # one record of the site: the worse split's epsilon
+    released: str | None = None  # what an evaluation released (the counts, in words)
     # The chain: set once the entry is appended (None on an entry not yet signed).
     prev_hash: str | None = None
     hash: str | None = None

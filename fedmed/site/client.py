@@ -32,6 +32,7 @@ from fedmed.privacy.evaluation import (
     add_noise,
     evaluation_noise_multiplier,
     evaluation_steps,
+    released_statistics,
 )
 from fedmed.privacy.mechanisms import EVALUATION, EVALUATION_COUNTS
 from fedmed.protocol import EVALUATE_TASK, TASK_KEY, EvaluateReport, FitReport, PrivacyReport
@@ -283,7 +284,8 @@ class HospitalSite(NumPyClient):
         """A DP evaluation for SecAgg+ (``fedmed.coordinator.secure_evaluation``): the noisy
         counts / max_weight as the one array to mask (zeros when the site declines), weight
         max_weight; beside it only the public test-split size and the accounting."""
-        if self.secure is None or dp_config(self.cfg) is None:
+        dp = dp_config(self.cfg)
+        if self.secure is None or dp is None:
             raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
         model = self._model_with(parameters)
         stats = evaluate(
@@ -292,7 +294,7 @@ class HospitalSite(NumPyClient):
         report = self._evaluate_private(stats, server_round)
         counts = report.noisy_counts
         if counts is None:  # declined: adds nothing to the sum
-            counts = np.zeros_like(released_counts(stats))
+            counts = np.zeros_like(released_counts(stats, dp.evaluation_margin_edges))
         vector = [counts / self.secure.max_weight]
         weight = int(self.secure.max_weight)
         self.secure.check_update(self.name, vector, weight)
@@ -334,7 +336,7 @@ class HospitalSite(NumPyClient):
             seed = self._reproducible_rng(dp.noise_seed, server_round)
             assert seed is not None
             rng = np.random.default_rng(int(seed.initial_seed()) ^ EVALUATION_SEED)
-        noisy = add_noise(released_counts(stats), sigma, rng)
+        noisy = add_noise(released_counts(stats, dp.evaluation_margin_edges), sigma, rng)
         entry = account.record(
             planned,
             decision.epsilon,
@@ -346,6 +348,7 @@ class HospitalSite(NumPyClient):
             code_version=code_version(),
             split=EVALUATION,
             mechanism=EVALUATION_COUNTS,
+            released=released_statistics(self.data.num_classes, dp.evaluation_margin_edges),
         )
         released = dataclasses.replace(report, ledger_entry=entry.hash)
         return EvaluateReport(self.name, num_examples=n, noisy_counts=noisy, privacy=released)
