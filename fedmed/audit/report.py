@@ -118,6 +118,7 @@ def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
         integer_x=True,
     ) as axes:
         for ax, audit in zip(axes, shown, strict=True):
+            pld_label = "independent PLD"
             for split, marker, color in ((TRAIN, "o-", "C0"), (EVALUATION, "D-", "C2")):
                 entries = [e for e in audit.entries if e.split == split]
                 if not entries:
@@ -125,8 +126,8 @@ def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
                 x = [e.line for e in entries]
                 ax.plot(x, [e.recorded_epsilon for e in entries], marker, color=color,
                         label=f"{split}: recorded by the site")  # fmt: skip
-                ax.plot(x, [e.pld_epsilon for e in entries], "x:", color="C1",
-                        label="independent PLD")  # fmt: skip
+                ax.plot(x, [e.pld_epsilon for e in entries], "x:", color="C1", label=pld_label)
+                pld_label = "_nolegend_"  # one legend entry for both splits
             ax.axhline(audit.entries[-1].budget_epsilon, color="C3", ls="--", lw=1,
                        label="budget")  # fmt: skip
             ax.set_ylim(bottom=0)

@@ -1,14 +1,14 @@
 """The auditor's toolkit on ledgers from a real heart-disease DP federation (Ray simulation).
 
-One DP run (5 rounds: 5-line ledgers, long enough for every attack below) is shared by the
-module: verify passes, recomputes within 1% and matches every coordinator receipt; each kind
-of tampering fails at the right line; a dishonest (re-signed) epsilon, `steps`, budget or
-delta is caught by the recomputation, in both directions; a deleted or tail-truncated ledger
-fails against the coordinator's receipts and the site's high-water mark, and the site refuses
-to train on it (one second, one-round run on copies of the ledgers); the report takes the
-auditor's keys and tells this run's entries from the lifetime context; the statement renders in
-headless Chromium, its plot with a clear panel per site; dry-run predicts the ledgers exactly
-and reads them without writing.
+One DP run (5 rounds and the private evaluation after the last: 6-line ledgers, long enough
+for every attack below) is shared by the module: verify passes, recomputes within 1% and
+matches every coordinator receipt; each kind of tampering fails at the right line; a
+dishonest (re-signed) epsilon, `steps`, budget or delta is caught by the recomputation, in
+both directions; a deleted or tail-truncated ledger fails against the coordinator's receipts
+and the site's high-water mark, and the site refuses to train on it (one second, one-round
+run on copies of the ledgers); the report takes the auditor's keys and tells this run's
+entries from the lifetime context; the statement renders in headless Chromium, its plot with
+a clear panel per site; dry-run predicts the ledgers exactly and reads them without writing.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tests.figures import Saved, assert_one_clear_panel_per_site
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(230)]  # seconds, the file alone on 2 cores
 ROUNDS = 5
+ENTRIES = ROUNDS + 1  # a ledger: 5 trained rounds, then the evaluation after round 5
 SITES = ("cleveland", "hungary", "switzerland", "va")
 RUN_ARGS = ["dataset=heart", "model=svm", "privacy=dp", f"federation.rounds={ROUNDS}"]
 
@@ -87,12 +88,14 @@ def test_verify_passes_and_recomputes_every_epsilon_within_one_percent(dp_run: P
     result = json.loads(proc.stdout)
     assert result["ok"] and len(result["ledgers"]) == 4
     assert result["independent_accountants"]["library"] == "dp-accounting"
-    # the coordinator's receipts, picked up from the run folder: one per site and round
+    # the coordinator's receipts, picked up from the run folder: one per site and release
     [receipts] = result["receipts"]
-    assert receipts["ok"] and len(receipts["receipts"]) == 4 * ROUNDS
+    assert receipts["ok"] and len(receipts["receipts"]) == 4 * ENTRIES
     for ledger in result["ledgers"]:
-        assert [e["round"] for e in ledger["entries"]] == list(range(1, ROUNDS + 1))
-        assert ledger["receipts"] == ROUNDS and ledger["mark_entries"] == ROUNDS
+        assert [e["round"] for e in ledger["entries"]] == [*range(1, ROUNDS + 1), ROUNDS]
+        assert [e["split"] for e in ledger["entries"]] == ["train"] * ROUNDS + ["evaluation"]
+        assert ledger["entries"][-1]["mechanism"] == "gaussian_evaluation_counts"
+        assert ledger["receipts"] == ENTRIES and ledger["mark_entries"] == ENTRIES
         for e in ledger["entries"]:
             assert abs(e["recorded_epsilon"] - e["pld_epsilon"]) <= TOLERANCE * e["pld_epsilon"]
             assert e["pld_epsilon"] <= e["rdp_epsilon"]  # RDP is the looser bound
@@ -159,7 +162,7 @@ def test_a_re_signed_epsilon_edited_downward_is_caught_by_the_recomputation(
 ) -> None:
     ledger = _copy_ledger(dp_run, tmp_path)
     honest = json.loads(_lines(ledger)[1])["epsilon"]
-    _rewrite_signed(ledger, 2, epsilon=honest * 0.95)
+    _rewrite_signed(ledger, 2, epsilon=honest * 0.95, record_epsilon=honest * 0.95)
     audit = verify_ledger(ledger)
     assert [(f.check, f.line) for f in audit.findings] == [("recomputation", 2)]
     assert "below the independent PLD epsilon" in audit.findings[0].message
@@ -169,7 +172,8 @@ def test_a_re_signed_steps_edit_is_caught_by_the_recomputation(
     dp_run: Path, tmp_path: Path
 ) -> None:
     """The attack: `steps` set to 1 in every entry and the chain re-signed with the site's key
-    (the mark too); the recorded epsilons stay, now ~2.5x what the entries' fields give."""
+    (the mark too); the recorded training epsilons stay, now ~2.5x what the entries' fields
+    give (the evaluation entry was one step already, and stays honest)."""
     run = _copy_run(dp_run, tmp_path)
     ledger = run / "ledgers" / "switzerland.ledger.jsonl"
     _rewrite_signed(ledger, None, steps=1)
@@ -178,34 +182,34 @@ def test_a_re_signed_steps_edit_is_caught_by_the_recomputation(
         ("recomputation", n) for n in range(1, ROUNDS + 1)
     ]
     assert all("above the independent PLD epsilon" in f.message for f in audit.findings)
-    assert all(e.recorded_epsilon > 2 * e.pld_epsilon for e in audit.entries)
+    assert all(e.recorded_epsilon > 2 * e.pld_epsilon for e in audit.entries if e.split == "train")
     # The receipts miss the re-signed entries too: every hash changed.
     proc = run_fedmed("audit", "verify", str(run))
     assert proc.returncode == 1
-    assert proc.stdout.count("site 'switzerland' round") == ROUNDS, proc.stdout[-3000:]
+    assert proc.stdout.count("site 'switzerland' round") == ENTRIES, proc.stdout[-3000:]
 
 
-def _hashes(ledger: Path) -> list[str]:
-    return [json.loads(line)["hash"] for line in _lines(ledger)]
+def _entries(ledger: Path) -> list[tuple[int, str]]:
+    """(round, hash) of each line."""
+    return [(entry["round"], entry["hash"]) for entry in map(json.loads, _lines(ledger))]
 
 
 def test_a_deleted_or_tail_truncated_ledger_fails_against_the_receipts_and_the_mark(
     dp_run: Path, tmp_path: Path
 ) -> None:
-    """`head -n 4` of a 5-line ledger is a valid chain (it passed before); deleting a ledger
+    """`head -n 4` of a 6-line ledger is a valid chain (it passed before); deleting a ledger
     left nothing to verify. The coordinator's receipts name every missing entry."""
     run = _copy_run(dp_run, tmp_path)
     ledgers = run / "ledgers"
     hungary, switzerland = ledgers / "hungary.ledger.jsonl", ledgers / "switzerland.ledger.jsonl"
-    lost = {"hungary": _hashes(hungary)[4:], "switzerland": _hashes(switzerland)}
+    lost = {"hungary": _entries(hungary)[4:], "switzerland": _entries(switzerland)}
     hungary.write_text("".join(_lines(hungary)[:4]))
     switzerland.unlink()
     assert len(read_verified_beside(hungary)) == 4  # the chain alone is valid
     proc = run_fedmed("audit", "verify", str(run))
     assert proc.returncode == 1
-    for site, hashes in lost.items():
-        first = ROUNDS - len(hashes) + 1
-        for rnd, entry in enumerate(hashes, start=first):
+    for site, entries in lost.items():
+        for rnd, entry in entries:
             assert f"site '{site}' round {rnd}, entry {entry}" in proc.stdout, (site, rnd)
     assert "holds 4 entries, but the site's high-water mark" in proc.stdout  # hungary's mark
     # Without the mark (removed too), the explicit receipts still find the cut.
@@ -216,7 +220,8 @@ def test_a_deleted_or_tail_truncated_ledger_fails_against_the_receipts_and_the_m
     result = json.loads(proc.stdout)
     assert proc.returncode == 1 and result["ledgers"][0]["mark"] is None
     missing = [f for f in result["ledgers"][0]["findings"] if f["check"] == "receipt"]
-    assert len(missing) == ROUNDS - 4 and all("not in this ledger" in f["message"] for f in missing)
+    assert len(missing) == ENTRIES - 4
+    assert all("not in this ledger" in f["message"] for f in missing)
 
 
 @pytest.fixture(scope="module")
@@ -254,15 +259,16 @@ def test_a_site_refuses_to_train_on_a_deleted_or_truncated_ledger(
         assert "restore the ledger from the site's backup" in error
     assert not (ledgers / "switzerland.ledger.jsonl").exists()  # no new genesis entry
     assert len(_lines(ledgers / "hungary.ledger.jsonl")) == 4
-    for site in ("cleveland", "va"):  # the intact sites trained on
-        assert len(_lines(ledgers / f"{site}.ledger.jsonl")) == ROUNDS + 1
+    for site in ("cleveland", "va"):  # the intact sites trained on, and evaluated
+        assert len(_lines(ledgers / f"{site}.ledger.jsonl")) == ENTRIES + 2
 
 
 def test_the_report_takes_the_auditors_keys_and_separates_this_run_from_the_lifetime(
     dp_run: Path, rerun: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    """The rerun's statement: its 2 receipted entries are this run's, the 10 entries of the
-    first run are the lifetime context; the keys are the auditor's copies (first run's)."""
+    """The rerun's statement: its 4 receipted entries (cleveland's and va's round and
+    evaluation) are this run's, the 12 entries of the first run are the lifetime context; the
+    keys are the auditor's copies (first run's)."""
     _, run_dir = rerun
     keys = [f"{s}={dp_run / 'ledgers' / f'{s}.ledger.pub'}" for s in ("cleveland", "va")]
     args = [x for key in keys for x in ("--public-key", key)]
@@ -272,9 +278,9 @@ def test_the_report_takes_the_auditors_keys_and_separates_this_run_from_the_life
     this_run = markdown.split("## This run's entries")[1].split("## Lifetime context")[0]
     lifetime = markdown.split("## Lifetime context")[1].split("## What the coordinator")[0]
     rows = [line for line in this_run.splitlines() if line.startswith("| cleveland")]
-    assert len(rows) == 1 and "2 coordinator receipt(s) cross-checked" in markdown
+    assert len(rows) == 2 and "4 coordinator receipt(s) cross-checked" in markdown
     assert sum(line.startswith(("| cleveland", "| va")) for line in lifetime.splitlines()) == (
-        2 * ROUNDS
+        2 * ENTRIES
     )
     assert "verified with the auditor's key" in markdown
     # The wrong key for a site (another site's) fails the statement.
@@ -377,7 +383,8 @@ def test_the_statements_plot_gives_each_site_a_clear_panel(
     epsilon_plot_png(verify_all(ledgers))
     [saved] = saved_figures
     assert_one_clear_panel_per_site(saved, sorted(SITES))
-    assert saved.lines == [3] * len(SITES)  # recorded, independent PLD, budget
+    # per split recorded and independent PLD, and the budget
+    assert saved.lines == [5] * len(SITES)
 
 
 def test_dry_run_predicts_the_ledgers_and_writes_nothing(dp_run: Path, tmp_path: Path) -> None:
@@ -387,8 +394,13 @@ def test_dry_run_predicts_the_ledgers_and_writes_nothing(dp_run: Path, tmp_path:
     summary = read_summary(dp_run)
     for site in projection["sites"]:
         ledger = Path(summary["sites"][site["site"]]["privacy"]["ledger"])
-        recorded = [e["epsilon"] for e in read_verified_beside(ledger)]
+        entries = read_verified_beside(ledger)
+        recorded = [e["epsilon"] for e in entries if e["split"] == "train"]
         assert np.allclose(site["epsilon_by_round"], recorded, rtol=1e-9), site["site"]
+        [evaluation] = [e for e in entries if e["split"] == "evaluation"]
+        projected = site["evaluation_epsilon_by_round"]
+        assert projected.keys() == {str(ROUNDS)}
+        assert projected[str(ROUNDS)] == pytest.approx(evaluation["epsilon"], rel=1e-9)
 
     # Against what the run spent: a second run would cross a lifetime budget of 1.2.
     ledgers = dp_run / "ledgers"
@@ -404,6 +416,7 @@ def test_dry_run_predicts_the_ledgers_and_writes_nothing(dp_run: Path, tmp_path:
     projection = json.loads((tmp_path / "spent" / "dry_run.json").read_text())
     assert projection["stops_at_round"] is not None
     assert all(s["declines_from_round"] is not None for s in projection["sites"])
+    assert all(s["evaluation_declines_from_round"] == ROUNDS for s in projection["sites"])
     assert "would stop in round" in proc.stdout and "declines" in proc.stdout
     assert {p.name: p.read_bytes() for p in ledgers.iterdir()} == before
 

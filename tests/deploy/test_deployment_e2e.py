@@ -28,9 +28,12 @@ import yaml
 
 from fedmed.cli import main as fedmed_main
 from fedmed.coordinator.registry import read_registry
+from fedmed.coordinator.releases import read_releases
 from fedmed.deploy.launch import flower_environment, flwr_environment
 from fedmed.kits.server import load_server_kit
 from fedmed.privacy.ledger import load_public_key, read_verified
+from fedmed.runs.compose import compose_config
+from fedmed.runs.exact_evaluation import exact_evaluation
 from tests.e2e import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(510)]  # seconds, the file alone on 2 cores
@@ -389,18 +392,36 @@ def test_four_hospitals_over_tls_with_dp_and_secagg(
     # Every round aggregated: VA's crash leaves three sites, enough to unmask (a node refused
     # at setup would still hold a place in their share graph, and this round would fail).
     assert secure["failed_rounds"] == [], secure["failed_rounds"]
-    assert summary["global"]["accuracy"] >= 0.70  # simulation: 0.75-0.80 at epsilon 1
+    # The model itself, exactly (this test holds the kits' data), and what the coordinator
+    # learnt of it: the sum of the hospitals' noisy counts, unmasked by SecAgg+ after round 3.
+    run_dir = consortium.root / "runs" / "e2e"
+    exact = exact_evaluation(run_dir, compose_config(["dataset=heart_kits", "privacy=dp"]))
+    assert exact.accuracy >= 0.70  # simulation: 0.75-0.80 at epsilon 1
+    assert summary["global"]["evaluation"] == "private" and summary["global"]["round"] == 3
+    assert abs(summary["global"]["accuracy"] - exact.accuracy) < 0.2  # noise sd about 0.04
+    entries_by_hash = {}
     for site in SITES:
         ledger = consortium.ledger(site)
         entries = read_verified(ledger, load_public_key(consortium.pki / "sites" / site
                                                         / "ledger.pub"))  # fmt: skip
-        rounds = [e["round"] for e in entries]
+        entries_by_hash.update({e["hash"]: e for e in entries})
+        rounds = [e["round"] for e in entries if e.get("split", "train") == "train"]
         if site == "va":  # an entry for an update that never arrived is fine: over-counting
             assert rounds[0] == 1 and rounds[-1] == 3, rounds  # rejoined
         else:
             assert rounds == [1, 2, 3]
-        assert entries[-1]["epsilon"] <= 1.0
+        [evaluation] = [e for e in entries if e.get("split") == "evaluation"]
+        assert evaluation["round"] == 3 and evaluation["mechanism"] == "gaussian_evaluation_counts"
+        assert max(e["record_epsilon"] for e in entries) <= 1.0
         assert summary["sites"][site]["privacy"]["ledger"] == str(ledger)
+    # Every value every hospital sent is in the inventory, and each private one (a masked
+    # update or masked noisy counts) names the entry its site wrote first.
+    releases = read_releases(run_dir)
+    assert releases and not [line for line in releases if "problems" in line]
+    named = {line["ledger_entry"] for line in releases} - {None}
+    assert named <= set(entries_by_hash)
+    assert {entries_by_hash[h]["split"] for h in named} == {"train", "evaluation"}
+    assert all(v != "EXACT" for line in releases for v in line["values"].values())
 
     # No private key material in any log.
     secrets = []

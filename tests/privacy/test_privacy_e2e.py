@@ -1,8 +1,10 @@
 """End-to-end DP: the real CLI on Flower's Ray simulation, four real hospitals, real ledgers.
 
-One persistent ``privacy.ledger_dir`` across three runs: the first spends epsilon = 1, the
-second starts from the first run's epsilon, the third would exceed the budget, so every site
-declines and the run ends cleanly (exit 0, ``budget_exhausted``) without a new ledger entry.
+One persistent ``privacy.ledger_dir`` across three runs: the first spends epsilon = 1 on the
+training records and 1 on the test records (one private evaluation); the second starts from
+the first run's epsilons, trains, and declines the evaluation it cannot afford; the third
+would exceed the training budget, so every site declines and the run ends cleanly (exit 0,
+``budget_exhausted``) without a new ledger entry.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import pytest
 
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
 from fedmed.privacy.ledger import load_public_key, read_verified
+from fedmed.runs.exact_evaluation import exact_evaluation
 from tests.e2e import read_summary, run_fedmed
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(240)]  # seconds, the file alone on 2 cores
@@ -27,14 +30,21 @@ def _verified_entries(ledgers: Path, site: str) -> list[dict[str, Any]]:
     return read_verified(ledger, load_public_key(ledger.with_suffix(".pub")))
 
 
+def _split(entries: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
+    return [e for e in entries if e.get("split", "train") == split]
+
+
 def _assert_epsilons_recompute(entries: list[dict[str, Any]]) -> None:
-    """Every entry's epsilon equals an offline recomputation from the entries' own fields."""
+    """Every entry's epsilon equals an offline recomputation from the fields of its split's
+    entries up to it; its record epsilon is the worse split's."""
+    latest: dict[str, float] = {}
     for i, entry in enumerate(entries):
-        records = [
-            DPSteps(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in entries[: i + 1]
-        ]
+        same = _split(entries[: i + 1], entry.get("split", "train"))
+        records = [DPSteps(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in same]
         offline = cumulative_epsilon(records, entry["delta"], entry["accountant"]["name"])
         assert entry["epsilon"] == pytest.approx(offline, rel=1e-9), (i, entry)
+        latest[entry.get("split", "train")] = entry["epsilon"]
+        assert entry["record_epsilon"] == max(latest.values())
 
 
 def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
@@ -48,9 +58,14 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
     assert proc.stdout.count("max site epsilon") == 10
     summary = read_summary(first)
     assert summary["status"] == "completed" and summary["failures"] == []
-    # Seeded noise, so the threshold cannot flake: noise seeds 0-7 gave 0.713-0.809 (mean
+    # Seeded noise, so the thresholds cannot flake: noise seeds 0-7 gave 0.713-0.809 (mean
     # 0.766); seed 0 gives 0.757 (174 of 230 test records), 4 records above the threshold.
-    assert summary["global"]["accuracy"] >= 0.74
+    # The model itself, exactly (the researcher holds the data in a simulation):
+    exact = exact_evaluation(first)
+    assert exact.accuracy >= 0.74
+    # What the coordinator learnt: the figures of the sum of the sites' noisy counts.
+    assert summary["global"]["evaluation"] == "private" and summary["global"]["round"] == 10
+    assert abs(summary["global"]["accuracy"] - exact.accuracy) < 0.15
     run_privacy = summary["privacy"]
     assert run_privacy["unit"].startswith("one record")
     assert run_privacy["accountant"]["name"] == "prv"
@@ -62,30 +77,43 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
     for site in SITES:
         privacy = summary["sites"][site]["privacy"]
         assert 0.9 < privacy["epsilon"] <= 1.0, (site, privacy)
+        assert 0.9 < privacy["evaluation_epsilon"] <= 1.0, (site, privacy)
+        assert privacy["record_epsilon"] == max(privacy["epsilon"], privacy["evaluation_epsilon"])
         assert privacy["declined_rounds"] == [] and privacy["budget_epsilon"] == 1.0
         assert privacy["ledger"] == str(ledgers / f"{site}.ledger.jsonl")
-        assert f"| {site} | {privacy['epsilon']:.4f} |" in report
+        assert f"| {site} | {privacy['record_epsilon']:.4f} |" in report
         entries = _verified_entries(ledgers, site)
-        assert [e["round"] for e in entries] == list(range(1, 11))
-        assert entries[-1]["epsilon"] == privacy["epsilon"]
+        assert [e["round"] for e in _split(entries, "train")] == list(range(1, 11))
+        [evaluation] = _split(entries, "evaluation")
+        assert evaluation["round"] == 10 and evaluation["epsilon"] == privacy["evaluation_epsilon"]
+        assert _split(entries, "train")[-1]["epsilon"] == privacy["epsilon"]
         _assert_epsilons_recompute(entries)
         first_final[site] = privacy["epsilon"]
 
-    # A second run with the same ledger_dir starts from the first run's epsilon.
+    # A second run with the same ledger_dir starts from the first run's epsilons. Its
+    # evaluation would take the test records from epsilon 1 past the budget 3: every site
+    # trains, and declines to evaluate.
     second = tmp_path / "run2"
     proc = run_fedmed(
         "simulate", *HEART_DP, "privacy.target_epsilon=1.0", "privacy.budget_epsilon=3",
-        "federation.rounds=2", f"privacy.ledger_dir={ledgers}", f"hydra.run.dir={second}",
+        "privacy.evaluation_epsilon=2.5", "federation.rounds=2", f"privacy.ledger_dir={ledgers}",
+        f"hydra.run.dir={second}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = read_summary(second)
+    assert summary["status"] == "completed" and summary["history"] == []
     second_final = {}
     for site in SITES:
+        assert f"{site} declined to evaluate: privacy budget" in proc.stdout
         entries = _verified_entries(ledgers, site)
-        assert len(entries) == 12 and len({e["run_id"] for e in entries}) == 2
-        assert entries[10]["epsilon"] > first_final[site]
+        assert len(entries) == 13 and len({e["run_id"] for e in entries}) == 2
+        assert len(_split(entries, "evaluation")) == 1  # none for the declined evaluation
+        assert entries[11]["epsilon"] > first_final[site]
         _assert_epsilons_recompute(entries)
         second_final[site] = entries[-1]["epsilon"]
-        assert read_summary(second)["sites"][site]["privacy"]["epsilon"] == second_final[site]
+        privacy = summary["sites"][site]["privacy"]
+        assert privacy["epsilon"] == second_final[site]
+        assert privacy["evaluation_declined_rounds"] == [2]
 
     # A third run whose budget the sites have already spent: all decline, a clean stop.
     third = tmp_path / "run3"
@@ -102,7 +130,7 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
         privacy = summary["sites"][site]["privacy"]
         assert privacy["declined_rounds"] == [1]
         assert privacy["epsilon"] == pytest.approx(second_final[site], rel=1e-9)
-        assert len(_verified_entries(ledgers, site)) == 12  # no entry for a declined round
+        assert len(_verified_entries(ledgers, site)) == 13  # no entry for a declined round
     assert json.loads((third / "summary.json").read_text())["rounds_completed"] == 0
 
 

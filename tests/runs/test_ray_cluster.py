@@ -175,15 +175,19 @@ def test_a_dp_federation_runs_on_an_existing_ray_cluster(cluster: Cluster, tmp_p
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     summary = read_summary(tmp_path)
     assert summary["status"] == "completed" and summary["failures"] == [], summary["failures"]
-    assert summary["rounds_completed"] == 2 and [h["round"] for h in summary["history"]] == [1, 2]
+    # DP: the sites evaluate privately after the last round only (each evaluation costs).
+    assert summary["rounds_completed"] == 2 and [h["round"] for h in summary["history"]] == [2]
     assert set(summary["sites"]) == set(SITES)
     for site in SITES:
         spent = summary["sites"][site]["privacy"]
-        assert 0 < spent["epsilon"] <= spent["budget_epsilon"] == 1.0, spent
+        assert 0 < spent["record_epsilon"] <= spent["budget_epsilon"] == 1.0, spent
         audit = verify_ledger(tmp_path / "ledgers" / f"{site}.ledger.jsonl")
         assert audit.ok and audit.site == site, audit.findings
-        assert [e.round for e in audit.entries] == [1, 2]
-        assert audit.entries[-1].recorded_epsilon == pytest.approx(spent["epsilon"])
+        assert [(e.round, e.split) for e in audit.entries] == [
+            (1, "train"), (2, "train"), (2, "evaluation")
+        ]  # fmt: skip
+        assert audit.entries[1].recorded_epsilon == pytest.approx(spent["epsilon"])
+        assert audit.entries[2].recorded_epsilon == pytest.approx(spent["evaluation_epsilon"])
     _assert_only_a_driver(watch)
 
 
