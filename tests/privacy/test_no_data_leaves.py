@@ -35,9 +35,12 @@ from fedmed.train import get_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(70)]  # seconds, the file alone on 2 cores
 
+HEART = ["dataset=heart", "model=svm", "federation.rounds=1"]
 # Seeded: SecAgg+ and plain runs draw the same DP noise (simulation only).
-HEART = ["dataset=heart", "model=svm", "federation.rounds=1", "privacy.noise_seed=0"]
-DP_RUNS = {"dp": ["privacy=dp"], "dp-secagg": ["privacy=dp", "secagg=secaggplus"]}
+DP_RUNS = {
+    "dp": ["privacy=dp", "privacy.noise_seed=0"],
+    "dp-secagg": ["privacy=dp", "privacy.noise_seed=0", "secagg=secaggplus"],
+}
 Reply = tuple[str, RecordDict]
 
 
@@ -66,8 +69,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list
         for name, extra in {**DP_RUNS, "none": ["privacy=none"]}.items():
             captured = _spy(monkeypatch)
             run_dir = tmp_path_factory.mktemp(name)
-            overrides = HEART if name != "none" else HEART[:-1]
-            simulate(compose_config([*overrides, *extra]), run_dir)
+            simulate(compose_config([*HEART, *extra]), run_dir)
             out[name] = (run_dir, captured)
             monkeypatch.undo()
     return out

@@ -91,12 +91,12 @@ def test_site_budgets_hold_within_and_across_runs(tmp_path: Path) -> None:
         first_final[site] = privacy["epsilon"]
 
     # A second run with the same ledger_dir starts from the first run's epsilons. Its
-    # evaluation would take the test records from epsilon 1 past the budget 3: every site
-    # trains, and declines to evaluate.
+    # evaluation (calibrated to spend 3 on its own) would take the test records from epsilon
+    # 1 past the budget 3: every site trains, and declines to evaluate.
     second = tmp_path / "run2"
     proc = run_fedmed(
         "simulate", *HEART_DP, "privacy.target_epsilon=1.0", "privacy.budget_epsilon=3",
-        "privacy.evaluation_epsilon=2.5", "federation.rounds=2", f"privacy.ledger_dir={ledgers}",
+        "privacy.evaluation_epsilon=3", "federation.rounds=2", f"privacy.ledger_dir={ledgers}",
         f"hydra.run.dir={second}",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
