@@ -79,6 +79,23 @@ def test_noiseless_counts_give_the_exact_accuracy_and_the_binned_auc(
     assert abs(figures.auc - exact.auc) < 0.1  # 4 bins per class: ties inside a bin
 
 
+def test_the_known_number_of_records_takes_half_the_noise_off_the_accuracy(
+    heart_stats: list[EvalStats],
+) -> None:
+    """4 sites, sigma 2.58 (one evaluation at epsilon 1): the accuracy sums 4 of the 8
+    counts; its noise sd is 2 x 2.58 x 2 / 230 = 0.045 as summed, 0.032 once the counts are
+    made to add up to the public 230 (their least-squares estimate)."""
+    exact = EvalStats.merge(heart_stats)
+    counts = [released_counts(s, EDGES) for s in heart_stats]
+    rng = np.random.default_rng(0)
+    errors = []
+    for _ in range(4000):
+        noisy = np.sum([add_noise(c, 2.58, rng) for c in counts], axis=0)
+        errors.append(stats_from_counts(noisy, exact.num_examples, EDGES).accuracy - exact.accuracy)
+    assert np.mean(errors) == pytest.approx(0.0, abs=0.003)
+    assert np.std(errors) == pytest.approx(2**0.5 * 2.58 * 2 / 230, rel=0.08)
+
+
 def test_the_noise_has_the_stated_deviation_and_seeds_reproduce_it() -> None:
     counts = np.full(200_000, 5.0)
     noisy = add_noise(counts, 2.5, np.random.default_rng(7))
