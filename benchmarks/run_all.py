@@ -31,6 +31,7 @@ FULL_RUNS: list[tuple[str, str, list[str]]] = [
         ["--only", "timing", "--sites", "20", "50", "--num-shares", "11"],
     ),
     ("audit", "audit.py", []),
+    ("private_evaluation", "evaluation_bins.py", []),
     ("private_evaluation", "private_evaluation.py", ["--only", "demo", "every_round"]),
     (
         "private_evaluation",

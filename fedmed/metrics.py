@@ -25,9 +25,9 @@ FINE_BIN_WIDTH = 2 * HIST_RANGE / HIST_BINS
 # logit margin, 0 the decision threshold, so accuracy, sensitivity and specificity at it are
 # sums of whole bins; every edge is one of the fine histogram's, so coarse counts are sums of
 # its bins). Few bins: every count carries the same noise, and accuracy sums half of them.
-# Simulated on a heart svm's real margins at epsilon 1 (4 sites, one evaluation): 4 bins per
-# class gave the smallest AUC error (rmse 0.044; 0.066 with 6, 0.083 with 8) and accuracy
-# error (0.031; 0.039, 0.046); benchmarks/RESULTS.md has the real runs.
+# Measured on a real heart svm run at epsilon 1, one evaluation (benchmarks/evaluation_bins.py):
+# 4 bins per class gave the smallest AUC error (rmse 0.039; 0.050 with 6, 0.069 with 8, 0.091
+# with 2) at an accuracy error of 0.032 (0.039, 0.045; 0.022 with 2).
 RELEASED_MARGIN_EDGES = (-1.0, 0.0, 1.0)
 
 
