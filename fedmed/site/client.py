@@ -267,10 +267,7 @@ class HospitalSite(NumPyClient):
     ) -> tuple[float, int, dict[str, Any]]:
         """Evaluate the global model on this site's test split; only counts leave the site
         (under DP: noisy counts, within the site's budget, in its ledger first)."""
-        model = self._model_with(parameters)
-        stats = evaluate(
-            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
-        )
+        stats = self._test_stats(parameters)
         if dp_config(self.cfg) is not None:
             server_round = int(config.get("server_round", 0))
             report = self._evaluate_private(stats, server_round)
@@ -287,10 +284,7 @@ class HospitalSite(NumPyClient):
         dp = dp_config(self.cfg)
         if self.secure is None or dp is None:
             raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
-        model = self._model_with(parameters)
-        stats = evaluate(
-            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
-        )
+        stats = self._test_stats(parameters)
         report = self._evaluate_private(stats, server_round)
         counts = report.noisy_counts
         if counts is None:  # declined: adds nothing to the sum
@@ -301,9 +295,17 @@ class HospitalSite(NumPyClient):
         masked = dataclasses.replace(report, noisy_counts=None)
         return vector, weight, masked.to_metrics()
 
+    def _test_stats(self, parameters: list[np.ndarray]) -> EvalStats:
+        """The global model's exact statistics on this site's test split (never sent as they
+        are under DP)."""
+        model = self._model_with(parameters)
+        return evaluate(
+            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
+        )
+
     def _evaluate_private(self, stats: EvalStats, server_round: int) -> EvaluateReport:
-        """The Gaussian mechanism on the test split's counts, within the evaluation split's
-        share of the site's lifetime budget; declined (nothing released) beyond it."""
+        """The Gaussian mechanism on the test split's counts, within the site's lifetime
+        budget for its test records; declined (nothing released) beyond it."""
         policy = site_policy(self.setup.kit)
         n = len(self.data.y_test)
         check_delta(self.name, policy.delta, n, records="test")
