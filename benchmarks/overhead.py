@@ -123,9 +123,14 @@ def plain_loop(overrides: list[str], account: bool = False) -> list[float]:
 
 
 def simulate_rounds(overrides: list[str], workdir: Path) -> tuple[list[float], float]:
-    """Seconds per round (the coordinator's clock) and the wall time of the whole process."""
+    """Seconds per round (the coordinator's clock) and the wall time of the whole process.
+
+    Every round evaluates, as the plain loop does (with DP the default is the last round
+    only; the round's clock starts at its training and stops after its evaluation).
+    """
     out = Path(tempfile.mkdtemp(dir=workdir))
-    _, wall = run_cli("simulate", [*overrides, f"hydra.run.dir={out}"])
+    every_round = "federation.evaluate_every=1"
+    _, wall = run_cli("simulate", [*overrides, every_round, f"hydra.run.dir={out}"])
     history = json.loads((out / "summary.json").read_text())["history"]
     return [float(h["seconds"]) for h in history], wall
 

@@ -142,8 +142,10 @@ class PrivacyLog:
             "unit": UNIT_OF_PRIVACY,
             "accountant": self._accountant(),
             "target_epsilon": dp.target_epsilon,
-            "noise_multiplier": {
-                site: state["noise_multiplier"] for site, state in sorted(self.sites.items())
+            "noise_multiplier": {  # of DP-SGD: a site sampled only to evaluate has none
+                site: state["noise_multiplier"]
+                for site, state in sorted(self.sites.items())
+                if "noise_multiplier" in state
             },
             "noise": "explicit" if dp.noise_multiplier is not None else "calibrated per site",
             "max_grad_norm": dp.max_grad_norm,

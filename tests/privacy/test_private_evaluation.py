@@ -12,6 +12,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
 from fedmed.audit.verify import verify_ledger
 from fedmed.config.schema import evaluation_rounds
+from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.data import load_site
 from fedmed.errors import ConfigError, FedMedError
 from fedmed.metrics import (
@@ -247,3 +248,15 @@ def test_a_private_evaluate_report_round_trips_and_a_bad_one_names_the_key() -> 
 def test_exact_evaluation_refuses_a_folder_that_is_no_run(tmp_path: Path) -> None:
     with pytest.raises(FedMedError, match=r"no global_model\.pt"):
         exact_evaluation(tmp_path)
+
+
+def test_a_site_sampled_only_to_evaluate_is_summarised(tmp_path: Path) -> None:
+    """benchmarks/scale.py: with fraction < 1 a site may evaluate in a run it never trained in
+    (its summary then lacks DP-SGD's noise; it crashed writing summary.json)."""
+    log = PrivacyLog(compose_config(["dataset=heart", "privacy=dp"]))
+    report = PrivacyReport(0.9, 1.0, 1e-3, 2.58, 1.0, 1, "va.ledger.jsonl", "prv", "ab" * 32)
+    log.record_evaluation(10, "va", report)
+    assert log.run_summary()["noise_multiplier"] == {}
+    summary = log.site_summary("va")
+    assert summary is not None and summary["record_epsilon"] == 0.9
+    assert "evaluation 10" not in log.report() and "| va | 0.9000 |" in log.report()
