@@ -20,7 +20,15 @@ from fedmed.data import load_site
 from fedmed.errors import SiteError
 from fedmed.metrics import EvalStats, released_counts
 from fedmed.models import build_loss, build_model
-from fedmed.privacy.budget import PrivacyAccount, check_delta, dp_config, site_policy
+from fedmed.privacy.accounting import DPSteps
+from fedmed.privacy.budget import (
+    PrivacyAccount,
+    RoundDecision,
+    SitePolicy,
+    check_delta,
+    dp_config,
+    site_policy,
+)
 from fedmed.privacy.dp_sgd import (
     DpSgdSettings,
     poisson_plan,
@@ -77,6 +85,21 @@ def _site_errors(method: Callable[..., T]) -> Callable[..., T]:
             raise SiteError(self.name, f"{type(exc).__name__}: {exc}") from exc
 
     return wrapper
+
+
+def _privacy_report(policy: SitePolicy, planned: DPSteps, decision: RoundDecision) -> PrivacyReport:
+    """The accounting a release (or its decline) reports: the site's policy, the planned
+    mechanism and the split's epsilon after the decision."""
+    return PrivacyReport(
+        epsilon=decision.epsilon,
+        budget_epsilon=policy.budget_epsilon,
+        delta=policy.delta,
+        noise_multiplier=planned.noise_multiplier,
+        sample_rate=planned.sample_rate,
+        steps=planned.steps,
+        ledger=str(policy.ledger),
+        accountant=policy.accountant,
+    )
 
 
 _imports_frozen = False
@@ -214,16 +237,7 @@ class HospitalSite(NumPyClient):
         ) or run_noise_multiplier(self.cfg, policy, n)
         plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
         decision = account.decide(plan, run_id=self.runtime.run_id)
-        report = PrivacyReport(
-            epsilon=decision.epsilon,
-            budget_epsilon=policy.budget_epsilon,
-            delta=policy.delta,
-            noise_multiplier=sigma,
-            sample_rate=plan.sample_rate,
-            steps=plan.steps,
-            ledger=str(policy.ledger),
-            accountant=policy.accountant,
-        )
+        report = _privacy_report(policy, plan, decision)
         if not decision.train:
             log.warning("site %s declines round %d: %s", self.name, server_round, decision.reason)
             declined = dataclasses.replace(report, steps=0, declined=decision.reason)
@@ -316,16 +330,7 @@ class HospitalSite(NumPyClient):
         ) or evaluation_noise_multiplier(self.cfg, policy)
         planned = evaluation_steps(sigma)
         decision = account.decide(planned, run_id=self.runtime.run_id, split=EVALUATION)
-        report = PrivacyReport(
-            epsilon=decision.epsilon,
-            budget_epsilon=policy.budget_epsilon,
-            delta=policy.delta,
-            noise_multiplier=sigma,
-            sample_rate=planned.sample_rate,
-            steps=planned.steps,
-            ledger=str(policy.ledger),
-            accountant=policy.accountant,
-        )
+        report = _privacy_report(policy, planned, decision)
         if not decision.train:
             log.warning("site %s declines evaluation %d: %s", self.name, server_round,
                         decision.reason)  # fmt: skip
