@@ -73,6 +73,7 @@ def _accountant_context() -> Iterator[None]:
     branch ``np.where`` then discards)."""
     import scipy.fft
 
+    _memoise_opacus_rdp()
     with (
         warnings.catch_warnings(),
         scipy.fft.set_backend(_NumpyFFT),
@@ -80,6 +81,45 @@ def _accountant_context() -> Iterator[None]:
     ):
         warnings.filterwarnings("ignore", message="Optimal order is the largest alpha")
         yield
+
+
+@functools.lru_cache(maxsize=256)
+def _rdp_curve(sample_rate: float, noise_multiplier: float, orders: tuple[float, ...]) -> Any:
+    """Opacus' own RDP curve of one step, computed once per (rate, noise, orders)."""
+    curve = _OPACUS_COMPUTE_RDP[0](
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(orders)
+    )
+    curve.setflags(write=False)
+    return curve
+
+
+def _memoised_compute_rdp(*, q: float, noise_multiplier: float, steps: int, orders: Any) -> Any:
+    """``opacus...rdp.compute_rdp`` with the same result to the last bit: Opacus computes the
+    one-step curve order by order and returns it times ``steps``; so does this, from a cache."""
+    if isinstance(orders, float):
+        return _OPACUS_COMPUTE_RDP[0](
+            q=q, noise_multiplier=noise_multiplier, steps=steps, orders=orders
+        )
+    return _rdp_curve(q, noise_multiplier, tuple(orders)) * steps
+
+
+# Opacus' compute_rdp, kept once _memoise_opacus_rdp has put the memoised one in its place.
+_OPACUS_COMPUTE_RDP: list[Any] = []
+
+
+def _memoise_opacus_rdp() -> None:
+    """Let Opacus' accountants reuse each step's RDP curve (idempotent).
+
+    PRV bounds its mesh with RDP (``compute_safe_domain_size``) and recomputes, series by
+    series over 60+ fractional orders, the same one-step curve for every epsilon it is asked
+    for: two thirds of a heart site's budget checks and calibration (measured, cProfile of
+    ``fedmed dry-run``). The curve depends on the rate, the noise and the orders alone.
+    """
+    from opacus.accountants.analysis import rdp
+
+    if not _OPACUS_COMPUTE_RDP:
+        _OPACUS_COMPUTE_RDP.append(rdp.compute_rdp)
+        rdp.compute_rdp = _memoised_compute_rdp
 
 
 def _check_accountant(name: str) -> None:
@@ -106,34 +146,17 @@ def _merged(records: Sequence[DPSteps]) -> list[tuple[float, float, int]]:
     return [(sigma, q, n) for (sigma, q), n in steps.items()]
 
 
-@functools.lru_cache(maxsize=64)
-def _rdp_of_one_step(noise_multiplier: float, sample_rate: float) -> Any:
-    """Opacus' RDP curve (over its default orders) of one step at this noise and rate.
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, name: str) -> float:
+    """Opacus' accountant ``name`` over ``history``; PRV's error bound a fraction of the
+    RDP epsilon of the same history (see PRV_RELATIVE_EPS_ERROR)."""
+    from opacus.accountants import create_accountant
 
-    Opacus' RDPAccountant recomputes it, order by order, for every epsilon it is asked for
-    (the fractional orders' series are most of a PRV budget check's time); it depends on
-    these two numbers only, and ``compute_rdp(steps=n)`` is this curve times ``n``.
-    """
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import compute_rdp
-
-    curve = compute_rdp(
-        q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
-        orders=RDPAccountant.DEFAULT_ALPHAS,
-    )  # fmt: skip
-    curve.setflags(write=False)
-    return curve
-
-
-def _rdp_epsilon(history: tuple[tuple[float, float, int], ...], delta: float) -> float:
-    """Exactly ``RDPAccountant(history).get_epsilon(delta)``: the same curves, summed over the
-    history in the same order, minimised over the same orders by Opacus."""
-    from opacus.accountants import RDPAccountant
-    from opacus.accountants.analysis.rdp import get_privacy_spent
-
-    rdp = sum(_rdp_of_one_step(sigma, q) * steps for sigma, q, steps in history)
-    epsilon, _ = get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
-    return float(epsilon)
+    accountant = create_accountant(mechanism=name)
+    accountant.history = list(history)
+    if name != "prv":
+        return float(accountant.get_epsilon(delta=delta))
+    eps_error = PRV_RELATIVE_EPS_ERROR * _epsilon_of(history, delta, "rdp")
+    return float(accountant.get_epsilon(delta=delta, eps_error=eps_error))
 
 
 @functools.lru_cache(maxsize=256)
@@ -141,17 +164,8 @@ def _opacus_epsilon(
     history: tuple[tuple[float, float, int], ...], delta: float, accountant: str
 ) -> float:
     """Cached: a budget check, the calibration and a dry run ask for the same histories."""
-    from opacus.accountants import create_accountant
-
     with _accountant_context():
-        if accountant == "rdp":
-            return _rdp_epsilon(history, delta)
-        acc = create_accountant(mechanism=accountant)
-        acc.history = list(history)
-        if accountant != "prv":
-            return float(acc.get_epsilon(delta=delta))
-        eps_error = PRV_RELATIVE_EPS_ERROR * _rdp_epsilon(history, delta)
-        return float(acc.get_epsilon(delta=delta, eps_error=eps_error))
+        return _epsilon_of(history, delta, accountant)
 
 
 def cumulative_epsilon(records: Sequence[DPSteps], delta: float, accountant: str) -> float:

@@ -141,7 +141,7 @@ def test_calibration_gives_up_at_its_deadline_with_one_line() -> None:
     # Epsilons are memoised per history: a test before this one in the same process may have
     # asked for these very ones, and the search would then end well within its deadline.
     accounting._opacus_epsilon.cache_clear()
-    accounting._rdp_of_one_step.cache_clear()
+    accounting._rdp_curve.cache_clear()
     started = time.monotonic()
     with pytest.raises(ConfigError) as info:
         calibrate_noise_multiplier(0.5, 1e-3, 1 / 15, 15, "prv", rounds=10, deadline_s=0.5)
@@ -185,3 +185,38 @@ def test_the_supported_targets_limits_are_accepted(compose) -> None:
     for target in (MIN_TARGET_EPSILON, MAX_TARGET_EPSILON):
         cfg = compose("privacy=dp", f"privacy.target_epsilon={target}")
         assert cfg.privacy.target_epsilon == target
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_memoised_rdp_curves_give_opacus_own_epsilons_to_the_last_bit(
+    accountant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cached one-step RDP curves (PRV's domain bound and the RDP accountant) change
+    nothing: the epsilon of each history equals Opacus' own, computed without the cache."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.analysis import rdp
+
+    histories = [
+        [DPSteps(1.1, 16 / 227, 15)] * 10,  # a heart site's run
+        [DPSteps(0.9, 32 / 607, 19), DPSteps(1.4, 32 / 607, 19)],  # noise changed mid-run
+        [DPSteps(2.0, 1.0, 1), DPSteps(0.7, 0.05, 200)],  # an evaluation and a long round
+    ]
+    mine = []
+    for records in histories:
+        accounting._opacus_epsilon.cache_clear()
+        mine.append(cumulative_epsilon(records, 1e-3, accountant))
+    assert rdp.compute_rdp is accounting._memoised_compute_rdp
+    monkeypatch.setattr(rdp, "compute_rdp", accounting._OPACUS_COMPUTE_RDP[0])
+    for records, epsilon in zip(histories, mine, strict=True):
+        history = accounting._merged(records)  # the history fedmed gives Opacus
+        rdp_only = create_accountant(mechanism="rdp")
+        rdp_only.history = list(history)
+        opacus = create_accountant(mechanism=accountant)
+        opacus.history = list(history)
+        with accounting._accountant_context():
+            if accountant == "rdp":
+                expected = opacus.get_epsilon(delta=1e-3)
+            else:
+                error = accounting.PRV_RELATIVE_EPS_ERROR * rdp_only.get_epsilon(delta=1e-3)
+                expected = opacus.get_epsilon(delta=1e-3, eps_error=error)
+        assert epsilon == expected
