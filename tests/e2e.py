@@ -12,7 +12,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_fedmed(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def run_fedmed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
     """Run ``python -m fedmed.cli ARGS`` and return the finished process (output captured)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run(
