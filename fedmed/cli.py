@@ -71,10 +71,13 @@ def _baseline(cfg: Any, output_dir: Path) -> int:
 
 def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     """Final lines: global metrics, failures, where the outputs are."""
+    from fedmed.metrics import CLINICAL_METRICS, clinical_text
+
     g = summary["global"]
     auc = f"{g['auc']:.4f}" if g.get("auc") is not None else "n/a"
     acc = f"{g['accuracy']:.4f}" if g.get("accuracy") is not None else "n/a"
-    print(f"global model: accuracy {acc} | auc {auc} | status {summary['status']}")
+    clinical = clinical_text({name: g.get(name) for name in CLINICAL_METRICS})
+    print(f"global model: accuracy {acc}{clinical} | auc {auc} | status {summary['status']}")
     if summary.get("stop_reason"):
         print(f"stopped: {summary['stop_reason']}")
     for failure in summary.get("failures", []):

@@ -31,6 +31,8 @@ FINE_BIN_WIDTH = 2 * HIST_RANGE / HIST_BINS
 # 4 bins per class gave the smallest AUC error (rmse 0.034 with the binormal fit; 0.050 with 6,
 # 0.138 with 8, 0.091 with 2) at an accuracy error of 0.032 (0.039, 0.045; 0.022 with 2).
 RELEASED_MARGIN_EDGES = (-1.0, 0.0, 1.0)
+# Binary tasks, at the decision threshold: what a clinician reads beside accuracy and AUC.
+CLINICAL_METRICS = ("balanced_accuracy", "sensitivity", "specificity")
 
 
 def margin_histogram(margins: np.ndarray) -> np.ndarray:
@@ -102,6 +104,14 @@ def _sum_histograms(histograms: list[np.ndarray | None]) -> np.ndarray:
     return np.sum([h for h in histograms if h is not None], axis=0)
 
 
+def _share_at_or_above(hist: np.ndarray | None, first_bin: int) -> float | None:
+    """The share of a class's (possibly noisy, clipped) counts in the bins of margins >= 0."""
+    if hist is None:
+        return None
+    total = float(hist.sum())
+    return float(hist[first_bin:].sum()) / total if total > 0 else None
+
+
 @dataclass
 class EvalStats:
     """Sufficient statistics of one evaluation; ``merge`` sums them across sites.
@@ -116,6 +126,9 @@ class EvalStats:
     hist_pos: np.ndarray | None = None
     hist_neg: np.ndarray | None = None
     fitted_auc: float | None = None  # a DP release's AUC, from the binormal fit to its bins
+    # The first histogram bin of margins >= 0 (the decision threshold): the fine histogram's
+    # middle, or the released bin just above the edge 0.
+    first_positive_bin: int = HIST_BINS // 2
 
     @property
     def loss(self) -> float | None:
@@ -134,6 +147,26 @@ class EvalStats:
         if self.hist_pos is None or self.hist_neg is None:
             return None
         return auc_from_histograms(self.hist_pos, self.hist_neg)
+
+    @property
+    def sensitivity(self) -> float | None:
+        """Share of the positive records the model calls positive (binary tasks)."""
+        return _share_at_or_above(self.hist_pos, self.first_positive_bin)
+
+    @property
+    def specificity(self) -> float | None:
+        """Share of the negative records the model calls negative (binary tasks)."""
+        called_positive = _share_at_or_above(self.hist_neg, self.first_positive_bin)
+        return None if called_positive is None else 1.0 - called_positive
+
+    @property
+    def balanced_accuracy(self) -> float | None:
+        """Mean of sensitivity and specificity: 0.5 for a constant classifier, whatever the
+        prevalence (accuracy on a 90% positive cohort would say 0.9)."""
+        sensitivity, specificity = self.sensitivity, self.specificity
+        if sensitivity is None or specificity is None:
+            return None
+        return (sensitivity + specificity) / 2
 
     @staticmethod
     def merge(parts: list[EvalStats]) -> EvalStats:
@@ -201,12 +234,30 @@ def stats_from_counts(counts: np.ndarray, num_examples: int, edges: Sequence[flo
     bins = len(edges) + 1
     if len(counts) == 2 * bins:
         pos, neg = counts[:bins], counts[bins:]
-        above = np.arange(bins) > list(edges).index(0.0)  # bins of margins >= 0
+        first_positive = list(edges).index(0.0) + 1  # the first bin of margins >= 0
+        above = np.arange(bins) >= first_positive
         right = float(pos[above].sum() + neg[~above].sum())
         hists = np.clip(pos, 0.0, None), np.clip(neg, 0.0, None)
         fitted = binormal_auc(*hists, edges)
         right = min(max(right, 0.0), num_examples)
-        return EvalStats(num_examples, None, right, *hists, fitted_auc=fitted)
+        return EvalStats(num_examples, None, right, *hists, fitted, first_positive)
     if len(counts) != 2:
         raise ValueError(f"{len(counts)} released counts: expected 2 or {2 * bins}")
     return EvalStats(num_examples, None, min(max(float(counts[0]), 0.0), num_examples))
+
+
+def clinical_metrics(figures: object) -> dict[str, float | None]:
+    """Balanced accuracy, sensitivity and specificity of one evaluation (an ``EvalStats`` or
+    a record of its figures; None: not a binary task)."""
+    return {name: getattr(figures, name) for name in CLINICAL_METRICS}
+
+
+def clinical_text(clinical: dict[str, float | None]) -> str:
+    """The progress line's clinical figures: a constant classifier shows as sens 1.00, spec
+    0.00 (or the reverse) and balanced accuracy 0.50, whatever its accuracy."""
+    if clinical["balanced_accuracy"] is None:
+        return ""
+    return (
+        f" | balanced {clinical['balanced_accuracy']:.4f} "
+        f"(sens {clinical['sensitivity']:.2f}, spec {clinical['specificity']:.2f})"
+    )

@@ -181,8 +181,8 @@ class FederatedStrategy(Strategy):
         record = self.recorder.record_evaluation(server_round, reports)
         if record is not None:
             loss, metrics = record.loss, {"accuracy": record.accuracy}
-            if record.auc is not None:
-                metrics["auc"] = record.auc
+            measured = {"auc": record.auc, **record.clinical()}
+            metrics.update({name: value for name, value in measured.items() if value is not None})
         self.end_round(server_round, evaluated=True)
         return loss, metrics
 

@@ -27,7 +27,13 @@ from fedmed.coordinator.receipts import ReceiptBook
 from fedmed.coordinator.releases import ReleaseLog
 from fedmed.coordinator.secure_log import Dropout, SecureAggregationLog
 from fedmed.errors import REFUSES
-from fedmed.metrics import EvalStats, stats_from_counts
+from fedmed.metrics import (
+    CLINICAL_METRICS,
+    EvalStats,
+    clinical_metrics,
+    clinical_text,
+    stats_from_counts,
+)
 from fedmed.plots import chart
 from fedmed.privacy.budget import dp_config
 from fedmed.protocol import EvaluateReport, FitReport
@@ -45,6 +51,7 @@ METRICS_COLUMNS = (
     "num_test",
     "test_loss",
     "accuracy",
+    *CLINICAL_METRICS,
     "auc",
     "epsilon",
 )
@@ -98,6 +105,12 @@ class RoundRecord:
     seconds: float
     trained: int = 0  # sites whose update went into this round's aggregate
     private: bool = False  # figures from the sum of the sites' noisy counts
+    balanced_accuracy: float | None = None  # binary tasks only, as the next two
+    sensitivity: float | None = None
+    specificity: float | None = None
+
+    def clinical(self) -> dict[str, float | None]:
+        return clinical_metrics(self)
 
 
 @dataclass
@@ -243,6 +256,7 @@ class RunRecorder:
             time.perf_counter() - self._round_started,
             len(self._trained.get(server_round, ())),
             private=not exact,
+            **clinical_metrics(merged),
         )
         self.history.append(record)
         self.rounds_ended.append(server_round)
@@ -250,7 +264,8 @@ class RunRecorder:
         loss = f"loss {record.loss:.4f}" if record.loss is not None else "private evaluation"
         log.info(
             f"round {server_round:>3}/{self.cfg.federation.rounds} | {loss} | "
-            f"accuracy {record.accuracy:.4f} | auc {auc} | sites trained {record.trained}, "
+            f"accuracy {record.accuracy:.4f}{clinical_text(record.clinical())} | auc {auc} | "
+            f"sites trained {record.trained}, "
             f"evaluated {record.sites}{self._epsilon_text(server_round)} | "
             f"{record.seconds:.1f}s",
         )
@@ -291,13 +306,15 @@ class RunRecorder:
                 "num_test": stats.num_examples,
                 "test_loss": stats.loss,
                 "accuracy": stats.accuracy,
+                **clinical_metrics(stats),
                 "auc": stats.auc,
                 "epsilon": fit.get("epsilon"),
             }
             self.site_rows.append(row)
             self.sites.setdefault(site, {}).update(
-                {"num_test": stats.num_examples, "accuracy": stats.accuracy, "auc": stats.auc}
-            )
+                {"num_test": stats.num_examples, "accuracy": stats.accuracy,
+                 **clinical_metrics(stats), "auc": stats.auc}
+            )  # fmt: skip
 
     def _private_rows(
         self, server_round: int, reports: list[EvaluateReport], merged: EvalStats
@@ -314,7 +331,7 @@ class RunRecorder:
             self.sites.setdefault(report.site, {})["num_test"] = report.num_examples
         self.site_rows.append(
             {"round": server_round, "site": ALL_SITES, "num_test": merged.num_examples,
-             "accuracy": merged.accuracy, "auc": merged.auc}
+             "accuracy": merged.accuracy, **clinical_metrics(merged), "auc": merged.auc}
         )  # fmt: skip
 
     def stop(self, reason: str, status: str = "stopped") -> None:
@@ -345,6 +362,7 @@ class RunRecorder:
             "stop_reason": self.stop_reason,
             "global": {
                 "accuracy": last.accuracy if last else None,
+                **(last.clinical() if last else dict.fromkeys(CLINICAL_METRICS)),
                 "auc": last.auc if last else None,
                 "loss": last.loss if last else None,
                 "round": last.round if last else None,  # the last evaluated round
@@ -355,6 +373,7 @@ class RunRecorder:
                 {
                     "round": r.round,
                     "accuracy": r.accuracy,
+                    **r.clinical(),
                     "auc": r.auc,
                     "loss": r.loss,
                     "seconds": r.seconds,
@@ -393,11 +412,18 @@ def _title(cfg: FedMedConfig) -> str:
 
 
 def plot_history(history: list[RoundRecord], path: Path, title: str) -> None:
-    """Accuracy and AUC of the global model per round."""
+    """Accuracy, AUC and (binary tasks) balanced accuracy, sensitivity and specificity of the
+    global model per round: a constant classifier shows as one rate at 1 and the other at 0."""
     rounds = [r.round for r in history]
-    with chart(path, xlabel="round", ylabel="global test metric", title=title) as ax:
+    axes = chart(path, xlabel="round", ylabel="global test metric", title=title, integer_x=True)
+    with axes as ax:
         ax.plot(rounds, [r.accuracy for r in history], marker="o", label="accuracy")
         aucs = [r.auc for r in history if r.auc is not None]
         if len(aucs) == len(history):
             ax.plot(rounds, aucs, marker="s", label="AUC")
+        styles = {"balanced_accuracy": "-", "sensitivity": ":", "specificity": "--"}
+        for name, style in styles.items():
+            values = [v for r in history if (v := r.clinical()[name]) is not None]
+            if len(values) == len(history):
+                ax.plot(rounds, values, linestyle=style, marker=".", label=name.replace("_", " "))
         ax.set_ylim(0.0, 1.0)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from opacus.validators import ModuleValidator
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, recall_score, roc_auc_score
 from torch import nn
 
 from fedmed.config.schema import ModelName
@@ -130,6 +130,41 @@ def test_histogram_auc_matches_sklearn_on_trained_logreg(compose):
         roc_auc_score(union_y, union_logits[:, 1] - union_logits[:, 0]), abs=1e-3
     )
     assert merged.num_examples == len(union_y)
+
+
+def test_sensitivity_specificity_and_balanced_accuracy_match_sklearn_on_real_records(compose):
+    cfg = site_config(compose, "logreg", epochs=1)
+    model, loss_fn = train_on_site(cfg, 0)
+    sites = [load_site(cfg, i) for i in range(4)]
+    merged = EvalStats.merge([evaluate(model, loss_fn, s.x_test, s.y_test, 2) for s in sites])
+    y = np.concatenate([s.y_test for s in sites])
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(np.concatenate([s.x_test for s in sites])))
+    predicted = predicted.argmax(dim=1).numpy()
+    assert merged.sensitivity == pytest.approx(recall_score(y, predicted), abs=1e-12)
+    assert merged.specificity == pytest.approx(recall_score(y, predicted, pos_label=0), abs=1e-12)
+    assert merged.balanced_accuracy == pytest.approx(
+        balanced_accuracy_score(y, predicted), abs=1e-12
+    )
+    assert 0.85 < merged.balanced_accuracy < 1.0
+
+
+def test_a_constant_classifier_shows_at_a_glance_whatever_its_accuracy(compose):
+    """The model that says "positive" for every patient: on a 9:1 cohort accuracy is 0.9, but
+    sensitivity 1, specificity 0 and balanced accuracy 0.5."""
+    cfg = site_config(compose, "logreg", epochs=1)
+    site = load_site(cfg, 0)
+    model = build_model(cfg.model.name, site.schema, cfg.seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.linear.bias.copy_(torch.tensor([-5.0, 5.0]))
+    y = np.array([1] * 90 + [0] * 10, dtype=np.int64)
+    x = site.x_test[np.arange(100) % len(site.x_test)]
+    stats = evaluate(model, build_loss(cfg.model.name), x, y, 2)
+    assert stats.accuracy == pytest.approx(0.9)
+    assert (stats.sensitivity, stats.specificity, stats.balanced_accuracy) == (1.0, 0.0, 0.5)
+    assert EvalStats(5, 1.0, 3).balanced_accuracy is None  # not a binary task
 
 
 # ----------------------------------------------------------------------------- EvalStats

@@ -26,7 +26,7 @@ from flwr.superlink.grid import InMemoryGrid
 from fedmed.coordinator.recorder import ALL_SITES
 from fedmed.coordinator.releases import ReleaseLog, ledger_entry, read_releases, reply_values
 from fedmed.data import load_site
-from fedmed.metrics import RELEASED_MARGIN_EDGES, released_size
+from fedmed.metrics import CLINICAL_METRICS, RELEASED_MARGIN_EDGES, released_size
 from fedmed.models import build_model
 from fedmed.protocol import MECHANISMS_OF, NOISY_COUNTS_KEY, FitReport, Release, declared
 from fedmed.runs.compose import compose_config
@@ -152,12 +152,13 @@ def test_the_coordinator_keeps_no_per_site_statistic_of_any_record(
 ) -> None:
     run_dir, _ = runs[run]
     rows = list(csv.DictReader((run_dir / "metrics.csv").open()))
-    statistics = ("train_loss", "test_loss", "accuracy", "auc")
+    statistics = ("train_loss", "test_loss", "accuracy", *CLINICAL_METRICS, "auc")
     for row in rows:
         if row["site"] != ALL_SITES:
             assert not any(row[column] for column in statistics), row
     [global_row] = [row for row in rows if row["site"] == ALL_SITES]
     assert 0.5 < float(global_row["accuracy"]) <= 1.0
+    assert 0.5 < float(global_row["balanced_accuracy"]) <= 1.0  # from the noisy bins at 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global"]["evaluation"] == "private" and summary["global"]["loss"] is None
     for site in summary["sites"].values():

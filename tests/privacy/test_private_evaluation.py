@@ -76,6 +76,8 @@ def test_noiseless_counts_give_the_exact_accuracy_and_the_binormal_auc(
     exact = EvalStats.merge(heart_stats)
     figures = stats_from_counts(summed, exact.num_examples, EDGES)
     assert figures.accuracy == pytest.approx(exact.accuracy, abs=1e-12)
+    for rate in ("sensitivity", "specificity", "balanced_accuracy"):  # whole bins at 0
+        assert getattr(figures, rate) == pytest.approx(getattr(exact, rate), abs=1e-12), rate
     assert figures.loss is None  # no loss is released
     bins = len(EDGES) + 1
     assert figures.auc is not None  # an untrained model: margins all near 0 (fit below)

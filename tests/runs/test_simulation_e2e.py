@@ -27,8 +27,8 @@ pytestmark = [pytest.mark.slow, pytest.mark.cost(150)]  # seconds, the file alon
 BUNDLED = "bundled:heart_disease/processed"
 
 
-def _global_accuracy(overrides: list[str], state_dict: dict | None) -> float:
-    """Accuracy of a model (initial if state_dict is None) on the union of all test splits."""
+def _global_stats(overrides: list[str], state_dict: dict | None) -> EvalStats:
+    """A model's (initial if state_dict is None) figures on the union of all test splits."""
     cfg = compose_config(overrides)
     sites = [load_site(cfg, i) for i in range(num_sites(cfg))]
     model = build_model(cfg.model.name, sites[0].schema, cfg.seed)
@@ -36,7 +36,7 @@ def _global_accuracy(overrides: list[str], state_dict: dict | None) -> float:
         model.load_state_dict(state_dict)
     loss_fn = build_loss(cfg.model.name)
     stats = [evaluate(model, loss_fn, s.x_test, s.y_test, s.num_classes) for s in sites]
-    return EvalStats.merge(stats).accuracy
+    return EvalStats.merge(stats)
 
 
 def test_heart_federation_trains_and_writes_outputs(tmp_path: Path) -> None:
@@ -54,20 +54,27 @@ def test_heart_federation_trains_and_writes_outputs(tmp_path: Path) -> None:
         == 303
     )
 
-    initial = _global_accuracy(overrides, None)
+    initial = _global_stats(overrides, None).accuracy
     final = summary["global"]["accuracy"]
     assert final > initial + 0.05, (initial, final)
     # Each hospital's split is seeded by its name (not its place in the list): seeds 0-4 give
     # 0.744, 0.770, 0.778, 0.783, 0.813 (seed 0, used here, is the lowest).
     assert final >= 0.74
 
-    # The saved global model reproduces the reported global accuracy exactly.
-    saved = torch.load(tmp_path / "global_model.pt")
-    assert _global_accuracy(overrides, saved) == pytest.approx(final, abs=1e-9)
+    # The saved global model reproduces the reported global figures exactly, the clinical
+    # ones included (in the summary, its history and the progress line).
+    saved = _global_stats(overrides, torch.load(tmp_path / "global_model.pt"))
+    assert saved.accuracy == pytest.approx(final, abs=1e-9)
+    for rate in ("balanced_accuracy", "sensitivity", "specificity"):
+        assert summary["global"][rate] == pytest.approx(getattr(saved, rate), abs=1e-9), rate
+        assert summary["history"][-1][rate] == summary["global"][rate]
+    assert summary["global"]["balanced_accuracy"] >= 0.7
+    assert f"balanced {saved.balanced_accuracy:.4f} (sens " in proc.stdout
 
     with (tmp_path / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 3 * 4
+    assert all(0.0 < float(row["balanced_accuracy"]) < 1.0 for row in rows)
     assert (tmp_path / "accuracy.png").stat().st_size > 5000
     assert (tmp_path / "config.yaml").read_text().count("rounds: 3") == 1
 
