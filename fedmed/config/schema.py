@@ -7,14 +7,19 @@ key or a wrong type fails at composition time, before any data is read or any mo
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from fedmed.errors import ConfigError
 from fedmed.metrics import margin_edges_problem
+
+CLASS_WEIGHT_BALANCED = "balanced"
+CLASS_WEIGHT_NONE = (None, "none")
 
 # SecAgg+ masks and sums live modulo 2^32 (Flower's default modulus_range).
 MODULUS_RANGE = 2**32
@@ -147,6 +152,9 @@ class ModelConfig:
     batch_size: int = 32
     momentum: float = 0.0
     weight_decay: float = 0.0
+    # none | balanced | [w0, w1, ...]: each training record's loss times its class's weight
+    # (fedmed.models.losses). Any: Hydra's structured configs have no str-or-list type.
+    class_weight: Any = None
 
 
 @dataclass
@@ -351,6 +359,28 @@ def _require(ok: bool, key: str, value: object, allowed: str) -> None:
         raise ConfigError(key, value, allowed)
 
 
+def class_weight_problem(setting: Any, private: bool) -> str | None:
+    """What ``model.class_weight`` must be instead of ``setting`` (None: it is fine)."""
+    if setting in CLASS_WEIGHT_NONE:
+        return None
+    if setting == CLASS_WEIGHT_BALANCED:
+        if private:
+            return (
+                "public weights under privacy=dp, e.g. model.class_weight=[w0,w1]: 'balanced' "
+                "needs each site's class counts, which DP-SGD keeps private"
+            )
+        return None
+    if isinstance(setting, str) or not isinstance(setting, Sequence):
+        return "none, balanced, or a list of weights, one per class (e.g. [0.55,5.0])"
+    try:
+        values = [float(w) for w in setting]
+    except (TypeError, ValueError):
+        return "a list of numbers, one weight per class"
+    if len(values) < 2 or not all(math.isfinite(w) and w > 0 for w in values):
+        return "a list of finite weights > 0, one per class"
+    return None
+
+
 def validate(cfg: FedMedConfig) -> None:
     """Reject out-of-range values with one error naming the key and what is allowed."""
     fed = cfg.federation
@@ -434,6 +464,8 @@ def validate(cfg: FedMedConfig) -> None:
     _require(m.batch_size >= 1, "model.batch_size", m.batch_size, "an integer >= 1")
     _require(0.0 <= m.momentum < 1.0, "model.momentum", m.momentum, "a number in [0, 1)")
     _require(m.weight_decay >= 0.0, "model.weight_decay", m.weight_decay, "a number >= 0")
+    problem = class_weight_problem(m.class_weight, private=isinstance(cfg.privacy, DpConfig))
+    _require(problem is None, "model.class_weight", m.class_weight, problem or "")
 
     if isinstance(cfg.privacy, DpConfig):
         _validate_dp(cfg.privacy, kits_state_budgets=bool(getattr(cfg.dataset, "site_kits", None)))

@@ -13,6 +13,7 @@ from fedmed.errors import ConfigError
 from fedmed.models.canary import CanaryHead
 from fedmed.models.cnn import DiagnosisNet
 from fedmed.models.linear import LinearClassifier
+from fedmed.models.losses import ClassWeightedLoss, build_loss, class_weights
 
 
 def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 0) -> nn.Module:
@@ -43,11 +44,11 @@ def _build_base_model(name: ModelName, schema: DataSchema) -> nn.Module:
     return LinearClassifier(math.prod(schema.input_shape), schema.num_classes)
 
 
-def build_loss(name: ModelName) -> nn.Module:
-    """Hinge loss for the SVM (its L2 term is model.weight_decay), cross-entropy otherwise."""
-    if name is ModelName.svm:
-        return nn.MultiMarginLoss()
-    return nn.CrossEntropyLoss()
-
-
-__all__ = ["DiagnosisNet", "LinearClassifier", "build_loss", "build_model"]
+__all__ = [
+    "ClassWeightedLoss",
+    "DiagnosisNet",
+    "LinearClassifier",
+    "build_loss",
+    "build_model",
+    "class_weights",
+]

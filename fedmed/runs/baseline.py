@@ -17,7 +17,7 @@ from fedmed.coordinator.recorder import RunRecorder
 from fedmed.data import SiteData, load_site, num_sites
 from fedmed.errors import ConfigError
 from fedmed.metrics import EvalStats
-from fedmed.models import build_loss, build_model
+from fedmed.models import build_loss, build_model, class_weights
 from fedmed.privacy.budget import dp_config
 from fedmed.protocol import EvaluateReport, FitReport
 from fedmed.train import TrainSettings, evaluate, make_loader, round_seed, train_local
@@ -33,10 +33,14 @@ def _train_rounds(
     """Train one model on (x, y); after each round-equivalent call ``on_round(round, stats)``."""
     model = build_model(cfg.model.name, eval_sites[0].schema, cfg.seed)
     loss_fn = build_loss(cfg.model.name)
+    num_classes = eval_sites[0].num_classes
+    train_loss_fn = build_loss(
+        cfg.model.name, class_weights(cfg.model.class_weight, y, num_classes)
+    )
     settings = TrainSettings.from_config(cfg)
     for server_round in range(1, cfg.federation.rounds + 1):
         loader = make_loader(x, y, cfg.model.batch_size, round_seed(cfg.seed, server_round))
-        train_loss = train_local(model, loss_fn, loader, settings).loss
+        train_loss = train_local(model, train_loss_fn, loader, settings).loss
         stats = {
             site.name: evaluate(model, loss_fn, site.x_test, site.y_test, site.num_classes)
             for site in eval_sites

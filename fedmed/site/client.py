@@ -19,7 +19,7 @@ from fedmed.config.schema import FedMedConfig, site_faults
 from fedmed.data import load_site
 from fedmed.errors import SiteError
 from fedmed.metrics import EvalStats, released_counts
-from fedmed.models import build_loss, build_model
+from fedmed.models import build_loss, build_model, class_weights
 from fedmed.privacy.accounting import DPSteps
 from fedmed.privacy.budget import (
     PrivacyAccount,
@@ -146,7 +146,12 @@ class HospitalSite(NumPyClient):
                 self.data = load_site(cfg, index)
         except Exception as exc:
             raise SiteError(self.name, str(exc)) from exc
+        # Test figures use the plain loss; training weighs classes when model.class_weight asks.
         self.loss_fn = build_loss(cfg.model.name)
+        self.train_loss_fn = build_loss(
+            cfg.model.name,
+            class_weights(cfg.model.class_weight, self.data.y_train, self.data.num_classes),
+        )
 
     def _model_with(self, parameters: list[np.ndarray]) -> Any:
         model = build_model(
@@ -173,7 +178,9 @@ class HospitalSite(NumPyClient):
             self.cfg.model.batch_size,
             round_seed(self.cfg.seed, server_round),
         )
-        result = train_local(model, self.loss_fn, loader, TrainSettings.from_config(self.cfg))
+        result = train_local(
+            model, self.train_loss_fn, loader, TrainSettings.from_config(self.cfg)
+        )
         delta = self._delta(model, parameters, result.loss, server_round)
         return self._release(delta, result.loss)
 
@@ -254,7 +261,7 @@ class HospitalSite(NumPyClient):
         )
         result = train_private(
             model,
-            self.loss_fn,
+            self.train_loss_fn,
             self.data.x_train,
             self.data.y_train,
             settings,
