@@ -46,18 +46,31 @@ def draw(labels: np.ndarray, ratio: tuple[int, int], rng: np.random.Generator) -
 
 
 def derive(
-    out: Path, train_ratio: tuple[int, int], test_ratio: tuple[int, int], seed: int
+    out: Path,
+    train_ratio: tuple[int, int],
+    test_ratio: tuple[int, int],
+    seed: int,
+    tuning: bool = False,
 ) -> dict[str, list[int]]:
-    """Write the cohort to ``out``; returns its class counts per split (normal, pneumonia)."""
+    """Write the cohort to ``out``; returns its class counts per split (normal, pneumonia).
+
+    ``tuning``: the cohort to tune a recipe on. Its test split is drawn from the bundled
+    validation split instead (and it has no validation split), so that choosing
+    hyperparameters never looks at the bundled test images the final figures come from.
+    """
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     counts: dict[str, list[int]] = {}
+    sources = {"train": "train", "val": "val", "test": "val" if tuning else "test"}
+    ratios = {"train": train_ratio, "val": train_ratio, "test": test_ratio}
     with BUNDLED.open("rb") as handle, np.load(handle) as bundled:
-        for split, ratio in (("train", train_ratio), ("val", train_ratio), ("test", test_ratio)):
-            labels = bundled[f"{split}_labels"].ravel()
-            keep = draw(labels, ratio, rng)
-            arrays[f"{split}_images"] = bundled[f"{split}_images"][keep]
-            arrays[f"{split}_labels"] = bundled[f"{split}_labels"][keep]
+        for split, source in sources.items():
+            labels = bundled[f"{source}_labels"].ravel()
+            keep = draw(labels, ratios[split], rng)
+            if tuning and split == "val":
+                keep = keep[:0]
+            arrays[f"{split}_images"] = bundled[f"{source}_images"][keep]
+            arrays[f"{split}_labels"] = bundled[f"{source}_labels"][keep]
             counts[split] = np.bincount(labels[keep], minlength=2).tolist()
     out.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out, **arrays)
@@ -70,8 +83,11 @@ def main() -> None:
     parser.add_argument("--train-ratio", type=_ratio, default=(9, 1), help="pneumonia:normal")
     parser.add_argument("--test-ratio", type=_ratio, default=(5, 3), help="pneumonia:normal")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--tuning", action="store_true", help="test split from the bundled validation split"
+    )
     args = parser.parse_args()
-    counts = derive(args.out, args.train_ratio, args.test_ratio, args.seed)
+    counts = derive(args.out, args.train_ratio, args.test_ratio, args.seed, args.tuning)
     for split, (normal, pneumonia) in counts.items():
         print(f"{split:>5}: {pneumonia} pneumonia, {normal} normal")
     print(f"wrote {args.out}")

@@ -78,6 +78,8 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     acc = f"{g['accuracy']:.4f}" if g.get("accuracy") is not None else "n/a"
     clinical = clinical_text({name: g.get(name) for name in CLINICAL_METRICS})
     print(f"global model: accuracy {acc}{clinical} | auc {auc} | status {summary['status']}")
+    if g.get("threshold") and g.get("threshold_rule"):  # a rule, or a margin other than 0
+        print(f"operating point: threshold {g['threshold']:+.2f} ({g['threshold_rule']})")
     if summary.get("stop_reason"):
         print(f"stopped: {summary['stop_reason']}")
     for failure in summary.get("failures", []):
@@ -95,7 +97,7 @@ def print_privacy(summary: dict[str, Any]) -> None:
         return
     acc = run["accountant"]
     print(
-        f"privacy: DP-SGD on training records, noisy counts on test records; unit = "
+        f"privacy: DP-SGD on training records, noisy counts on held-out records; unit = "
         f"{run['unit']}; accountant {acc['library']} {acc['version']} {acc['name']}; "
         f"max_grad_norm {run['max_grad_norm']}"
     )

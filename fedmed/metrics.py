@@ -12,6 +12,7 @@ figures (post-processing: no further privacy cost).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Sequence
@@ -126,9 +127,32 @@ class EvalStats:
     hist_pos: np.ndarray | None = None
     hist_neg: np.ndarray | None = None
     fitted_auc: float | None = None  # a DP release's AUC, from the binormal fit to its bins
-    # The first histogram bin of margins >= 0 (the decision threshold): the fine histogram's
-    # middle, or the released bin just above the edge 0.
-    first_positive_bin: int = HIST_BINS // 2
+    # The decision threshold on the logit margin (the operating point: a record with margin
+    # >= threshold is called positive), and the bin edges of the histograms: None, the fine
+    # histogram's; a DP release's coarse edges otherwise. The threshold is one of the edges.
+    threshold: float = 0.0
+    edges: tuple[float, ...] | None = None
+
+    @property
+    def first_positive_bin(self) -> int:
+        """The first histogram bin of margins >= the threshold."""
+        if self.edges is None:
+            return round((self.threshold + HIST_RANGE) / FINE_BIN_WIDTH)
+        return self.edges.index(self.threshold) + 1
+
+    def at_threshold(self, threshold: float) -> EvalStats:
+        """The same evaluation read at another decision threshold (binary tasks; an edge of
+        the histograms): sensitivity, specificity and the count of right answers move, AUC
+        and loss do not. Post-processing of the same counts."""
+        if self.hist_pos is None or self.hist_neg is None:
+            raise ValueError("a decision threshold needs a binary task's margin histograms")
+        moved = dataclasses.replace(self, threshold=float(threshold))
+        first = moved.first_positive_bin
+        right = float(self.hist_pos[first:].sum() + self.hist_neg[:first].sum())
+        moved.correct = min(max(right, 0.0), self.num_examples)
+        if self.edges is None:
+            moved.correct = round(moved.correct)
+        return moved
 
     @property
     def loss(self) -> float | None:
@@ -214,12 +238,36 @@ def released_counts(stats: EvalStats, edges: Sequence[float]) -> np.ndarray:
     return np.array([stats.correct, stats.num_examples - stats.correct], dtype=np.float64)
 
 
+def held_out_counts(
+    test: EvalStats, validation: EvalStats | None, edges: Sequence[float]
+) -> np.ndarray:
+    """One release over a site's held-out records: the test split's released counts, then
+    the validation split's (when there is one). The splits are disjoint, so each record is
+    still counted exactly once: one record changes the vector by 1 in L2, as before."""
+    parts = [released_counts(test, edges)]
+    if validation is not None:
+        parts.append(released_counts(validation, edges))
+    return np.concatenate(parts)
+
+
+def split_held_out(
+    counts: np.ndarray, with_validation: bool
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """(test counts, validation counts or None) of a (summed) ``held_out_counts`` vector."""
+    if not with_validation:
+        return counts, None
+    half = len(counts) // 2
+    return counts[:half], counts[half:]
+
+
 def released_size(num_classes: int, edges: Sequence[float]) -> int:
     """How many counts ``released_counts`` gives for a task."""
     return 2 * (len(edges) + 1) if num_classes == 2 else 2
 
 
-def stats_from_counts(counts: np.ndarray, num_examples: int, edges: Sequence[float]) -> EvalStats:
+def stats_from_counts(
+    counts: np.ndarray, num_examples: int, edges: Sequence[float], threshold: float = 0.0
+) -> EvalStats:
     """Figures from (summed, noisy) released counts and the public number of test records.
 
     Post-processing only. The counts are first moved, all by the same amount, so that they
@@ -234,13 +282,15 @@ def stats_from_counts(counts: np.ndarray, num_examples: int, edges: Sequence[flo
     bins = len(edges) + 1
     if len(counts) == 2 * bins:
         pos, neg = counts[:bins], counts[bins:]
-        first_positive = list(edges).index(0.0) + 1  # the first bin of margins >= 0
+        first_positive = list(edges).index(threshold) + 1  # the first bin of margins >= it
         above = np.arange(bins) >= first_positive
         right = float(pos[above].sum() + neg[~above].sum())
         hists = np.clip(pos, 0.0, None), np.clip(neg, 0.0, None)
         fitted = binormal_auc(*hists, edges)
         right = min(max(right, 0.0), num_examples)
-        return EvalStats(num_examples, None, right, *hists, fitted, first_positive)
+        return EvalStats(
+            num_examples, None, right, *hists, fitted, float(threshold), tuple(map(float, edges))
+        )
     if len(counts) != 2:
         raise ValueError(f"{len(counts)} released counts: expected 2 or {2 * bins}")
     return EvalStats(num_examples, None, min(max(float(counts[0]), 0.0), num_examples))

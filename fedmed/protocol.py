@@ -57,6 +57,11 @@ NUM_EXAMPLES_KEY = "num_examples"
 TASK_KEY = "fedmed.task"
 EVALUATE_TASK = "evaluate"
 NOISY_COUNTS_KEY = "noisy_counts"  # a DP evaluation's released counts (float64 bytes)
+# An operating-point rule (evaluation.threshold) gives each site a validation split: without
+# DP its exact counts travel under these prefixed keys; with DP they follow the test split's
+# in the one noisy vector, beside the validation split's public size.
+VALIDATION_PREFIX = "validation_"
+VALIDATION_EXAMPLES_KEY = "validation_examples"
 
 
 @dataclass(frozen=True)
@@ -111,9 +116,10 @@ class FitReport:
 class EvaluateReport:
     """What a site sends after evaluating the global model: its name and aggregate counts.
 
-    Without DP: the exact ``stats``. With DP: the test split's size (public) and
-    ``noisy_counts``, the Gaussian mechanism's output, with the ``privacy`` report of the
-    release (its ledger entry), or only the report when the site declined to evaluate.
+    Without DP: the exact ``stats`` (and ``validation``'s). With DP: the test split's size
+    (public; the validation split's too) and ``noisy_counts``, the Gaussian mechanism's
+    output, with the ``privacy`` report of the release (its ledger entry), or only the report
+    when the site declined to evaluate.
     """
 
     site: str
@@ -121,11 +127,19 @@ class EvaluateReport:
     num_examples: int = 0
     noisy_counts: np.ndarray | None = None
     privacy: PrivacyReport | None = None
+    validation: EvalStats | None = None
+    validation_examples: int = 0
 
     def to_metrics(self) -> dict[str, Scalar]:
         if self.stats is not None:
-            return {SITE_KEY: self.site, **self.stats.to_metrics()}
-        out: dict[str, Scalar] = {SITE_KEY: self.site, NUM_EXAMPLES_KEY: self.num_examples}
+            out = {SITE_KEY: self.site, **self.stats.to_metrics()}
+            if self.validation is not None:
+                metrics = self.validation.to_metrics().items()
+                out.update({VALIDATION_PREFIX + key: value for key, value in metrics})
+            return out
+        out = {SITE_KEY: self.site, NUM_EXAMPLES_KEY: self.num_examples}
+        if self.validation_examples:
+            out[VALIDATION_EXAMPLES_KEY] = self.validation_examples
         if self.noisy_counts is not None:
             out[NOISY_COUNTS_KEY] = self.noisy_counts.astype(np.float64).tobytes()
         if self.privacy is not None:
@@ -139,11 +153,17 @@ class EvaluateReport:
         site = read_fields(cls, metrics, "evaluate report")[SITE_KEY]
         if "epsilon" in metrics:
             return cls._private(site, metrics, masked)
+        prefixed = {
+            key[len(VALIDATION_PREFIX) :]: value
+            for key, value in metrics.items()
+            if key.startswith(VALIDATION_PREFIX)
+        }
         try:
             stats = EvalStats.from_metrics(dict(metrics))
+            validation = EvalStats.from_metrics(prefixed) if prefixed else None
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError(f"evaluate report: unreadable counts ({exc!r:.80})") from None
-        return cls(site, stats)
+        return cls(site, stats, validation=validation)
 
     @classmethod
     def _private(cls, site: str, metrics: Mapping[str, Any], masked: bool) -> EvaluateReport:
@@ -161,7 +181,15 @@ class EvaluateReport:
             raise RecordError(f"evaluate report: '{NOISY_COUNTS_KEY}' sent beside SecAgg+")
         if counts is None and privacy.declined is None and not masked:
             raise RecordError(f"evaluate report lacks {NOISY_COUNTS_KEY}")
-        return cls(site, None, int(fields.get(NUM_EXAMPLES_KEY, 0)), counts, privacy)
+        validation_examples = int(fields.get(VALIDATION_EXAMPLES_KEY, 0))
+        return cls(
+            site,
+            None,
+            int(fields.get(NUM_EXAMPLES_KEY, 0)),
+            counts,
+            privacy,
+            validation_examples=validation_examples,
+        )
 
     @property
     def declined(self) -> str | None:
@@ -192,6 +220,7 @@ RELEASES: dict[str, dict[str, Release]] = {
     "fitres.metrics": {
         SITE_KEY: Release.PUBLIC,
         NUM_EXAMPLES_KEY: Release.PUBLIC,  # training split size (also FedAvg's weight)
+        VALIDATION_EXAMPLES_KEY: Release.PUBLIC,  # a SecAgg+ evaluation's validation split size
         "train_loss": Release.EXACT,
         **_ACCOUNTING,
     },
@@ -200,12 +229,15 @@ RELEASES: dict[str, dict[str, Release]] = {
     "evaluateres.metrics": {
         SITE_KEY: Release.PUBLIC,
         NUM_EXAMPLES_KEY: Release.PUBLIC,  # test split size
-        NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,
+        VALIDATION_EXAMPLES_KEY: Release.PUBLIC,  # validation split size
+        NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,  # test (then validation) split counts
         **_ACCOUNTING,
-        "loss_sum": Release.EXACT,
-        "correct": Release.EXACT,
-        "hist_pos": Release.EXACT,
-        "hist_neg": Release.EXACT,
+        **{
+            prefix + key: Release.EXACT
+            for prefix in ("", VALIDATION_PREFIX)
+            for key in ("num_examples", "loss_sum", "correct", "hist_pos", "hist_neg")
+            if prefix + key != NUM_EXAMPLES_KEY
+        },
     },
     # Flower's required loss field: the exact loss with privacy=none, the constant 0.0 with DP.
     "evaluateres.loss": {"loss": Release.PROTOCOL},

@@ -20,8 +20,8 @@ PACKAGE = Path(fedmed.__file__).parent
 
 # Lowest first. A module belongs to the first layer with a prefix it starts with.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("basics", ("fedmed.errors", "fedmed.metrics", "fedmed.plots", "fedmed.process_tree",
-                "fedmed.records", "fedmed.terminal")),
+    ("basics", ("fedmed.errors", "fedmed.metrics", "fedmed.operating_point", "fedmed.plots",
+                "fedmed.process_tree", "fedmed.records", "fedmed.terminal")),
     ("config/kits", ("fedmed.config", "fedmed.kits", "fedmed.provenance")),
     ("data/models", ("fedmed.data", "fedmed.models", "fedmed.train")),
     ("privacy/secure", ("fedmed.privacy", "fedmed.secure")),

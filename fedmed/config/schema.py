@@ -17,6 +17,7 @@ from omegaconf import MISSING
 
 from fedmed.errors import ConfigError
 from fedmed.metrics import margin_edges_problem
+from fedmed.operating_point import parse_threshold
 
 CLASS_WEIGHT_BALANCED = "balanced"
 CLASS_WEIGHT_NONE = (None, "none")
@@ -285,6 +286,16 @@ class SecAggPlusConfig(SecAggConfig):
 
 
 @dataclass
+class EvaluationConfig:
+    """The global model's operating point (``fedmed.operating_point``): ``threshold`` a logit
+    margin, or ``youden`` / ``sensitivity:S`` chosen on validation splits that each site
+    carves from its training records (``validation_fraction`` of them, stratified, seeded)."""
+
+    threshold: str = "0"
+    validation_fraction: float = 0.2
+
+
+@dataclass
 class AuditConfig:
     """``fedmed audit empirical``: one-run empirical privacy audit (Steinke, Nasr & Jagielski).
 
@@ -324,6 +335,7 @@ class FedMedConfig:
     # Continue the run in the output folder from its last checkpoint (after a crash).
     resume: bool = False
     audit: AuditConfig = field(default_factory=AuditConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -474,6 +486,20 @@ def validate(cfg: FedMedConfig) -> None:
     for fault in cfg.inject_faults:
         parse_fault(fault)
     _validate_audit(cfg)
+    try:
+        rule = parse_threshold(cfg.evaluation.threshold)
+    except ValueError as exc:
+        raise ConfigError("evaluation.threshold", cfg.evaluation.threshold, str(exc)) from None
+    fraction = cfg.evaluation.validation_fraction
+    _require(0.0 < fraction < 1.0, "evaluation.validation_fraction", fraction, "a number in (0, 1)")
+    if not rule.needs_validation and isinstance(cfg.privacy, DpConfig):
+        edges = [float(e) for e in cfg.privacy.evaluation_margin_edges]
+        _require(
+            rule.value in edges,
+            "evaluation.threshold",
+            cfg.evaluation.threshold,
+            f"under privacy=dp a fixed threshold among privacy.evaluation_margin_edges {edges}",
+        )
 
     s = cfg.strategy
     _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")

@@ -32,8 +32,10 @@ from fedmed.metrics import (
     EvalStats,
     clinical_metrics,
     clinical_text,
+    split_held_out,
     stats_from_counts,
 )
+from fedmed.operating_point import OPERATING_POINT_FILE, choose_threshold, parse_threshold
 from fedmed.plots import chart
 from fedmed.privacy.budget import dp_config
 from fedmed.protocol import EvaluateReport, FitReport
@@ -108,6 +110,7 @@ class RoundRecord:
     balanced_accuracy: float | None = None  # binary tasks only, as the next two
     sensitivity: float | None = None
     specificity: float | None = None
+    threshold: float = 0.0  # the decision threshold (logit margin) the figures are read at
 
     def clinical(self) -> dict[str, float | None]:
         return clinical_metrics(self)
@@ -232,8 +235,14 @@ class RunRecorder:
         for report in reports:
             if report.privacy is not None:
                 self._record_evaluation_privacy(server_round, report)
+        rule = parse_threshold(self.cfg.evaluation.threshold)
         if exact:
+            validations = [r.validation for r in reports if r.validation is not None]
+            threshold = self._threshold(EvalStats.merge(validations) if validations else None)
+            if threshold != 0.0:
+                exact = {site: stats.at_threshold(threshold) for site, stats in exact.items()}
             merged = EvalStats.merge(list(exact.values()))
+            merged.threshold = threshold
             self._site_rows(server_round, exact)
         elif private:
             counts = masked_sum
@@ -241,8 +250,15 @@ class RunRecorder:
                 counts = np.sum([r.noisy_counts for r in private if r.noisy_counts is not None], 0)
             dp = dp_config(self.cfg)
             assert dp is not None, "only DP sites release noisy counts"
+            edges = dp.evaluation_margin_edges
+            test_counts, validation_counts = split_held_out(counts, rule.needs_validation)
+            validation = None
+            if validation_counts is not None:
+                n_validation = sum(r.validation_examples for r in private)
+                validation = stats_from_counts(validation_counts, n_validation, edges)
+            threshold = self._threshold(validation)
             n = sum(r.num_examples for r in private)
-            merged = stats_from_counts(counts, n, dp.evaluation_margin_edges)
+            merged = stats_from_counts(test_counts, n, edges, threshold)
             self._private_rows(server_round, private, merged)
         else:
             self.record_unevaluated(server_round, "no site evaluated")
@@ -257,6 +273,7 @@ class RunRecorder:
             len(self._trained.get(server_round, ())),
             private=not exact,
             **clinical_metrics(merged),
+            threshold=merged.threshold,
         )
         self.history.append(record)
         self.rounds_ended.append(server_round)
@@ -264,12 +281,29 @@ class RunRecorder:
         loss = f"loss {record.loss:.4f}" if record.loss is not None else "private evaluation"
         log.info(
             f"round {server_round:>3}/{self.cfg.federation.rounds} | {loss} | "
-            f"accuracy {record.accuracy:.4f}{clinical_text(record.clinical())} | auc {auc} | "
+            f"accuracy {record.accuracy:.4f}{clinical_text(record.clinical())}"
+            f"{self._threshold_text(record)} | auc {auc} | "
             f"sites trained {record.trained}, "
             f"evaluated {record.sites}{self._epsilon_text(server_round)} | "
             f"{record.seconds:.1f}s",
         )
         return record
+
+    def _threshold(self, validation: EvalStats | None) -> float:
+        """The operating point: ``evaluation.threshold``'s rule on the summed validation
+        figures (a fixed margin needs none)."""
+        rule = parse_threshold(self.cfg.evaluation.threshold)
+        if validation is None or validation.hist_pos is None:
+            return rule.value if not rule.needs_validation else 0.0
+        return choose_threshold(validation, rule)
+
+    def _threshold_text(self, record: RoundRecord) -> str:
+        """The operating point in the progress line, when a rule or a margin other than 0
+        sets it."""
+        rule = parse_threshold(self.cfg.evaluation.threshold)
+        if not rule.needs_validation and rule.value == 0.0:
+            return ""
+        return f" at threshold {record.threshold:+.2f}"
 
     def record_unevaluated(self, server_round: int, why: str = "not evaluated") -> None:
         """A round that ends without an evaluation (federation.evaluate_every): its line."""
@@ -366,6 +400,8 @@ class RunRecorder:
                 "auc": last.auc if last else None,
                 "loss": last.loss if last else None,
                 "round": last.round if last else None,  # the last evaluated round
+                "threshold": last.threshold if last else None,
+                "threshold_rule": parse_threshold(self.cfg.evaluation.threshold).describe(),
                 # private: from the sum of the sites' noisy counts; exact: privacy=none
                 "evaluation": None if last is None else "private" if last.private else "exact",
             },
@@ -378,6 +414,7 @@ class RunRecorder:
                     "loss": r.loss,
                     "seconds": r.seconds,
                     "private": r.private,
+                    "threshold": r.threshold,
                 }
                 for r in self.history
             ],
@@ -403,6 +440,13 @@ class RunRecorder:
         (self.output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if self.history:
             plot_history(self.history, self.output_dir / "accuracy.png", title=_title(self.cfg))
+            point = {
+                "threshold": self.history[-1].threshold,
+                "rule": summary["global"]["threshold_rule"],
+                "round": self.history[-1].round,
+                "meaning": "call a record positive when logit[1] - logit[0] >= threshold",
+            }
+            (self.output_dir / OPERATING_POINT_FILE).write_text(json.dumps(point, indent=2))
         self.privacy.write(self.output_dir)
         return summary
 

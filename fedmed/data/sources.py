@@ -9,6 +9,7 @@ between rounds.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 from importlib import resources
@@ -33,6 +34,7 @@ from fedmed.data.types import DataSchema, SiteData
 from fedmed.errors import ConfigError
 from fedmed.kits.files import BUNDLED_PREFIX
 from fedmed.kits.site import SiteKit, load_site_kit
+from fedmed.operating_point import parse_threshold
 
 DEFAULT_NUM_SITES = 4
 
@@ -267,14 +269,40 @@ def audited_site(cfg: FedMedConfig) -> str:
 _site_cache: dict[tuple[str, int], SiteData] = {}
 
 
+def with_validation(data: SiteData, fraction: float, seed: int) -> SiteData:
+    """``data`` with a stratified ``fraction`` of its training records moved to a validation
+    split, seeded by the run's seed and the site's name (not its position), as the test split
+    is. The site's own preprocessing was fitted before the carve, on all its training records."""
+    rng = np.random.default_rng([seed, site_seed(data.name), 0x7A1])
+    train, val = stratified_split(data.y_train, fraction, rng)
+    return dataclasses.replace(
+        data,
+        x_train=data.x_train[train],
+        y_train=data.y_train[train],
+        x_val=data.x_train[val],
+        y_val=data.y_train[val],
+    )
+
+
 def load_site(cfg: FedMedConfig, index: int) -> SiteData:
     """One site's preprocessed data; loaded once per process and reused in every round."""
     total = num_sites(cfg)
     if not 0 <= index < total:
         raise ConfigError("site index", index, f"0..{total - 1}")
-    key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed, cfg.audit)), index)
+    validation = parse_threshold(cfg.evaluation.threshold).needs_validation
+    fraction = cfg.evaluation.validation_fraction if validation else None
+    key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed, cfg.audit, fraction)), index)
     if key not in _site_cache:
         data = _load_site_uncached(cfg, index)
+        if fraction is not None:
+            if data.num_classes != 2:
+                raise ConfigError(
+                    "evaluation.threshold",
+                    cfg.evaluation.threshold,
+                    f"a logit margin: {cfg.dataset.name} has {data.num_classes} classes, and "
+                    "a threshold rule needs a binary task",
+                )
+            data = with_validation(data, fraction, cfg.seed)
         if cfg.audit.canaries and data.name == audited_site(cfg):
             data = with_canaries(data, cfg)  # the empirical audit's site only
         _site_cache[key] = data

@@ -17,7 +17,8 @@ class DataSchema:
 
 @dataclass(frozen=True)
 class SiteData:
-    """One hospital's train and test split, already preprocessed on that site alone."""
+    """One hospital's train and test split, already preprocessed on that site alone, and the
+    validation split carved from its training records when the operating point needs one."""
 
     name: str
     x_train: np.ndarray
@@ -25,6 +26,13 @@ class SiteData:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
+
+    @property
+    def held_out_records(self) -> int:
+        """Records training never sees (test and validation): the evaluation release's."""
+        return len(self.y_test) + (len(self.y_val) if self.y_val is not None else 0)
 
     @property
     def schema(self) -> DataSchema:

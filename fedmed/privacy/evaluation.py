@@ -23,12 +23,13 @@ SENSITIVITY = 1.0  # L2: one record is one count
 STATISTICS = "test-split counts: margin bins per class (binary) or right/wrong"
 
 
-def released_statistics(num_classes: int, edges: list[float]) -> str:
+def released_statistics(num_classes: int, edges: list[float], validation: bool = False) -> str:
     """What one evaluation releases, in words, for its ledger entry."""
+    records = "test records, then validation records," if validation else "test records"
     if num_classes == 2:
         bins = ", ".join(f"{e:g}" for e in edges)
-        return f"test records per class in logit-margin bins with edges {bins}, plus noise"
-    return "test records predicted right and wrong, plus noise"
+        return f"{records} per class in logit-margin bins with edges {bins}, plus noise"
+    return f"{records} predicted right and wrong, plus noise"
 
 
 def evaluation_steps(noise_multiplier: float) -> DPSteps:

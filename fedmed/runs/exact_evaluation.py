@@ -9,6 +9,7 @@ every site: never part of a federation, and nothing it computes is sent anywhere
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from fedmed.data import data_schema, load_site, num_sites
 from fedmed.errors import FedMedError
 from fedmed.metrics import EvalStats
 from fedmed.models import build_loss, build_model
+from fedmed.operating_point import OPERATING_POINT_FILE
 from fedmed.runs.compose import compose_config
 from fedmed.train import evaluate
 
@@ -36,8 +38,8 @@ def run_config(run_dir: Path) -> FedMedConfig:
 
 
 def exact_evaluation(run_dir: Path, cfg: FedMedConfig | None = None) -> EvalStats:
-    """The run's saved global model on every site's test split, exactly (merged); ``cfg``
-    None: the run's own, from its overrides."""
+    """The run's saved global model on every site's test split, exactly (merged), read at
+    its saved operating point; ``cfg`` None: the run's own, from its overrides."""
     if not (run_dir / GLOBAL_MODEL_FILE).is_file():
         raise FedMedError(f"{run_dir}: no {GLOBAL_MODEL_FILE} (not the folder of a run)")
     cfg = cfg if cfg is not None else run_config(run_dir)
@@ -45,6 +47,16 @@ def exact_evaluation(run_dir: Path, cfg: FedMedConfig | None = None) -> EvalStat
     model.load_state_dict(torch.load(run_dir / GLOBAL_MODEL_FILE, weights_only=True))
     loss_fn = build_loss(cfg.model.name)
     sites = [load_site(cfg, index) for index in range(num_sites(cfg))]
-    return EvalStats.merge(
+    merged = EvalStats.merge(
         [evaluate(model, loss_fn, s.x_test, s.y_test, s.num_classes) for s in sites]
     )
+    threshold = saved_threshold(run_dir)
+    return merged.at_threshold(threshold) if threshold else merged
+
+
+def saved_threshold(run_dir: Path) -> float:
+    """The operating point saved with the run's global model (0 for a run without one)."""
+    path = run_dir / OPERATING_POINT_FILE
+    if not path.is_file():
+        return 0.0
+    return float(json.loads(path.read_text())["threshold"])

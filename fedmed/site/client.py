@@ -18,7 +18,7 @@ from flwr.client import NumPyClient
 from fedmed.config.schema import FedMedConfig, site_faults
 from fedmed.data import load_site
 from fedmed.errors import SiteError
-from fedmed.metrics import EvalStats, released_counts
+from fedmed.metrics import EvalStats, held_out_counts
 from fedmed.models import build_loss, build_model, class_weights
 from fedmed.privacy.accounting import DPSteps
 from fedmed.privacy.budget import (
@@ -288,13 +288,14 @@ class HospitalSite(NumPyClient):
     ) -> tuple[float, int, dict[str, Any]]:
         """Evaluate the global model on this site's test split; only counts leave the site
         (under DP: noisy counts, within the site's budget, in its ledger first)."""
-        stats = self._test_stats(parameters)
+        stats, validation = self._held_out_stats(parameters)
         if dp_config(self.cfg) is not None:
             server_round = int(config.get("server_round", 0))
-            report = self._evaluate_private(stats, server_round)
+            report = self._evaluate_private(stats, validation, server_round)
             return 0.0, report.num_examples, report.to_metrics()
         loss = stats.loss if stats.loss is not None else 0.0
-        return loss, stats.num_examples, EvaluateReport(self.name, stats).to_metrics()
+        report = EvaluateReport(self.name, stats, validation=validation)
+        return loss, stats.num_examples, report.to_metrics()
 
     def _evaluate_masked(
         self, parameters: list[np.ndarray], server_round: int
@@ -305,31 +306,36 @@ class HospitalSite(NumPyClient):
         dp = dp_config(self.cfg)
         if self.secure is None or dp is None:
             raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
-        stats = self._test_stats(parameters)
-        report = self._evaluate_private(stats, server_round)
+        stats, validation = self._held_out_stats(parameters)
+        report = self._evaluate_private(stats, validation, server_round)
         counts = report.noisy_counts
         if counts is None:  # declined: adds nothing to the sum
-            counts = np.zeros_like(released_counts(stats, dp.evaluation_margin_edges))
+            counts = np.zeros_like(held_out_counts(stats, validation, dp.evaluation_margin_edges))
         vector = [counts / self.secure.max_weight]
         weight = int(self.secure.max_weight)
         self.secure.check_update(self.name, vector, weight)
         masked = dataclasses.replace(report, noisy_counts=None)
         return vector, weight, masked.to_metrics()
 
-    def _test_stats(self, parameters: list[np.ndarray]) -> EvalStats:
-        """The global model's exact statistics on this site's test split (never sent as they
-        are under DP)."""
+    def _held_out_stats(self, parameters: list[np.ndarray]) -> tuple[EvalStats, EvalStats | None]:
+        """The global model's exact statistics on this site's test split and, when it has
+        one, its validation split (never sent as they are under DP)."""
         model = self._model_with(parameters)
-        return evaluate(
-            model, self.loss_fn, self.data.x_test, self.data.y_test, self.data.num_classes
-        )
+        data, classes = self.data, self.data.num_classes
+        test = evaluate(model, self.loss_fn, data.x_test, data.y_test, classes)
+        if data.x_val is None or data.y_val is None:
+            return test, None
+        return test, evaluate(model, self.loss_fn, data.x_val, data.y_val, classes)
 
-    def _evaluate_private(self, stats: EvalStats, server_round: int) -> EvaluateReport:
-        """The Gaussian mechanism on the test split's counts, within the site's lifetime
-        budget for its test records; declined (nothing released) beyond it."""
+    def _evaluate_private(
+        self, stats: EvalStats, validation: EvalStats | None, server_round: int
+    ) -> EvaluateReport:
+        """The Gaussian mechanism on the held-out records' counts (test, and validation when
+        the operating point needs it), within the site's lifetime budget for those records;
+        declined (nothing released) beyond it."""
         policy = site_policy(self.setup.kit)
-        n = len(self.data.y_test)
-        check_delta(self.name, policy.delta, n, records="test")
+        n = self.data.held_out_records
+        check_delta(self.name, policy.delta, n, records="held-out (test and validation)")
         account = PrivacyAccount(policy)
         run_hash = config_hash(self.cfg)
         sigma = account.noise_multiplier_of_run(
@@ -342,7 +348,10 @@ class HospitalSite(NumPyClient):
             log.warning("site %s declines evaluation %d: %s", self.name, server_round,
                         decision.reason)  # fmt: skip
             declined = dataclasses.replace(report, steps=0, declined=decision.reason)
-            return EvaluateReport(self.name, num_examples=n, privacy=declined)
+            return EvaluateReport(
+                self.name, num_examples=stats.num_examples, privacy=declined,
+                validation_examples=validation.num_examples if validation else 0,
+            )  # fmt: skip
         dp = dp_config(self.cfg)
         assert dp is not None
         rng = None
@@ -350,7 +359,8 @@ class HospitalSite(NumPyClient):
             seed = self._reproducible_rng(dp.noise_seed, server_round)
             assert seed is not None
             rng = np.random.default_rng(int(seed.initial_seed()) ^ EVALUATION_SEED)
-        noisy = add_noise(released_counts(stats, dp.evaluation_margin_edges), sigma, rng)
+        counts = held_out_counts(stats, validation, dp.evaluation_margin_edges)
+        noisy = add_noise(counts, sigma, rng)
         entry = account.record(
             planned,
             decision.epsilon,
@@ -362,10 +372,18 @@ class HospitalSite(NumPyClient):
             code_version=code_version(),
             split=EVALUATION,
             mechanism=EVALUATION_COUNTS,
-            released=released_statistics(self.data.num_classes, dp.evaluation_margin_edges),
+            released=released_statistics(
+                self.data.num_classes, dp.evaluation_margin_edges, validation is not None
+            ),
         )
         released = dataclasses.replace(report, ledger_entry=entry.hash)
-        return EvaluateReport(self.name, num_examples=n, noisy_counts=noisy, privacy=released)
+        return EvaluateReport(
+            self.name,
+            num_examples=stats.num_examples,
+            noisy_counts=noisy,
+            privacy=released,
+            validation_examples=validation.num_examples if validation else 0,
+        )
 
     def _reproducible_rng(
         self, noise_seed: int | None, server_round: int

@@ -28,14 +28,18 @@ from fedmed.coordinator.releases import ReleaseLog, ledger_entry, read_releases,
 from fedmed.data import load_site
 from fedmed.metrics import CLINICAL_METRICS, RELEASED_MARGIN_EDGES, released_size
 from fedmed.models import build_model
+from fedmed.operating_point import OPERATING_POINT_FILE
 from fedmed.protocol import MECHANISMS_OF, NOISY_COUNTS_KEY, FitReport, Release, declared
 from fedmed.runs.compose import compose_config
+from fedmed.runs.exact_evaluation import exact_evaluation
 from fedmed.runs.simulation import simulate
 from fedmed.train import get_weights
 
 pytestmark = [pytest.mark.slow, pytest.mark.cost(70)]  # seconds, the file alone on 2 cores
 
-HEART = ["dataset=heart", "model=svm", "federation.rounds=1"]
+# With an operating-point rule each site also has a validation split: its counts travel too
+# (exactly without DP; in the one noisy vector, after the test split's, with DP).
+HEART = ["dataset=heart", "model=svm", "federation.rounds=1", "evaluation.threshold=youden"]
 # Seeded: SecAgg+ and plain runs draw the same DP noise (simulation only).
 DP_RUNS = {
     "dp": ["privacy=dp", "privacy.noise_seed=0"],
@@ -100,7 +104,8 @@ def _check_value_sizes(content: RecordDict, shapes: list[tuple[int, ...]]) -> No
                 continue
             if key == NOISY_COUNTS_KEY:
                 assert isinstance(value, bytes)
-                assert len(value) == released_size(2, RELEASED_MARGIN_EDGES) * 8
+                # test split, then validation split: one count per bin and class each
+                assert len(value) == 2 * released_size(2, RELEASED_MARGIN_EDGES) * 8
             else:
                 assert isinstance(value, (int, float, str)), (name, key, type(value))
                 assert not isinstance(value, str) or len(value) < 300, (name, key)
@@ -144,6 +149,12 @@ def test_every_value_a_site_sends_is_declared_and_every_private_one_is_in_its_le
     logged = read_releases(run_dir)
     assert len(logged) == len(replies) and not any("problems" in line for line in logged)
     assert {line["ledger_entry"] for line in logged} - {None} == set(entries)
+    # An evaluation entry counts every held-out record: the test and the validation split.
+    cfg = compose_config([*HEART, *DP_RUNS[run]])
+    held_out = {load_site(cfg, i).name: load_site(cfg, i).held_out_records for i in range(4)}
+    evaluations = [e for e in entries.values() if e["mechanism"] == "gaussian_evaluation_counts"]
+    assert {e["site"]: e["dataset_size"] for e in evaluations} == held_out
+    assert all("then validation records" in e["released"] for e in evaluations)
 
 
 @pytest.mark.parametrize("run", list(DP_RUNS))
@@ -158,9 +169,12 @@ def test_the_coordinator_keeps_no_per_site_statistic_of_any_record(
             assert not any(row[column] for column in statistics), row
     [global_row] = [row for row in rows if row["site"] == ALL_SITES]
     assert 0.5 < float(global_row["accuracy"]) <= 1.0
-    assert 0.5 < float(global_row["balanced_accuracy"]) <= 1.0  # from the noisy bins at 0
+    # from the noisy bins, at the threshold chosen on the noisy validation bins (an edge)
+    assert 0.5 < float(global_row["balanced_accuracy"]) <= 1.0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["global"]["evaluation"] == "private" and summary["global"]["loss"] is None
+    assert summary["global"]["threshold"] in RELEASED_MARGIN_EDGES
+    assert summary["global"]["threshold_rule"].startswith("youden")
     for site in summary["sites"].values():
         assert set(site) == {"num_train", "num_test", "privacy"}, site
         assert site["privacy"]["record_epsilon"] <= site["privacy"]["budget_epsilon"]
@@ -187,6 +201,16 @@ def test_without_dp_the_sites_report_exact_figures(
         "evaluateres.metrics",
         "hist_pos",
     ) in exact
+    assert ("evaluateres.metrics", "validation_hist_pos") in exact
+    # The threshold chosen on the exact validation histograms is saved with the model, and the
+    # saved model read at it gives the reported test figures exactly.
+    summary = json.loads((run_dir / "summary.json").read_text())
+    saved = json.loads((run_dir / OPERATING_POINT_FILE).read_text())
+    assert saved["threshold"] == summary["global"]["threshold"]
+    recomputed = exact_evaluation(run_dir, compose_config([*HEART, "privacy=none"]))
+    assert recomputed.threshold == saved["threshold"]
+    for metric in ("accuracy", *CLINICAL_METRICS, "auc"):
+        assert getattr(recomputed, metric) == pytest.approx(summary["global"][metric], abs=1e-12)
     rows = [r for r in csv.DictReader((run_dir / "metrics.csv").open()) if r["site"] != ALL_SITES]
     assert len(rows) == 4 and all(float(r["accuracy"]) > 0 and r["train_loss"] for r in rows)
 

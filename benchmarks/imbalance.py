@@ -1,0 +1,108 @@
+"""Issue-17 measurements: fedmed on an imbalanced PneumoniaMNIST cohort, by class weighting.
+
+The cohort (``imbalanced_cohort.py``: 9 pneumonia : 1 normal in training, 5 : 3 in test,
+drawn from the bundled real images) is split over 4 sites. Each variant is a real
+``fedmed simulate`` run per seed; the figures are the exact evaluation of its global model on
+the union of the sites' test splits (a DP run's own, private figures are noisy estimates), with
+balanced accuracy, sensitivity and specificity beside accuracy and AUC. A model whose
+sensitivity or specificity is below 0.05 is counted as a constant classifier.
+
+    python benchmarks/imbalance.py [--seeds 0 1 2 3 4] [--only dp dp_weighted]
+    python benchmarks/imbalance.py --quick        # tiny sizes, proves the script still works
+
+The DP weights are public: n / (2 n_c) from the cohort's declared 9:1 ratio, not from any
+site's records (``model.class_weight=balanced`` would read them, and is refused under DP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common import mean_sd, model_utility, quick_subset, run, write_results
+from imbalanced_cohort import derive
+
+TRAIN_RATIO = (9, 1)  # pneumonia : normal
+TEST_RATIO = (5, 3)
+FIGURES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
+CONSTANT_BELOW = 0.05
+
+
+def public_weights(ratio: tuple[int, int]) -> list[float]:
+    """Balanced weights [normal, pneumonia] from a declared pneumonia : normal ratio."""
+    pneumonia, normal = ratio
+    total = pneumonia + normal
+    return [round(total / (2 * normal), 4), round(total / (2 * pneumonia), 4)]
+
+
+def variants(cohort: Path) -> dict[str, list[str]]:
+    base = [
+        "dataset=medmnist",
+        f"dataset.path={cohort}",
+        "dataset.num_classes=2",
+        "dataset.channels=1",
+        "model=cnn",
+        "federation.num_sites=4",
+        "secagg=off",
+    ]
+    dp = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4"]
+    weights = "model.class_weight=[{},{}]".format(*public_weights(TRAIN_RATIO))
+    return {
+        "nonprivate": base,
+        "nonprivate_weighted": [*base, weights],
+        "dp": [*base, *dp],
+        "dp_weighted": [*base, *dp, weights],
+    }
+
+
+def measure(overrides: list[str], seeds: list[int], workdir: Path) -> dict[str, Any]:
+    per_seed: dict[str, list[float]] = {figure: [] for figure in FIGURES}
+    for seed in seeds:
+        seeded = [f"seed={seed}"]
+        if "privacy=dp" in overrides:
+            seeded.append(f"privacy.noise_seed={seed}")
+        summary, _ = run("simulate", [*overrides, *seeded], workdir)
+        utility = model_utility(summary)
+        for figure in FIGURES:
+            per_seed[figure].append(float(utility[figure]))
+    constant = [
+        seed
+        for seed, sens, spec in zip(
+            seeds, per_seed["sensitivity"], per_seed["specificity"], strict=True
+        )
+        if min(sens, spec) < CONSTANT_BELOW
+    ]
+    row: dict[str, Any] = {figure: mean_sd(values) for figure, values in per_seed.items()}
+    row["per_seed"] = per_seed
+    row["constant_classifier_seeds"] = constant
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", help="variants to run (default: all)")
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        cohort = workdir / "pneumonia_9to1.npz"
+        counts = derive(cohort, TRAIN_RATIO, TEST_RATIO, seed=0)
+        chosen = {k: v for k, v in variants(cohort).items() if not args.only or k in args.only}
+        if args.quick:
+            chosen = {k: [*v, "federation.rounds=1"] for k, v in chosen.items() if "dp" in k}
+        seeds = quick_subset(args.seeds, args.quick)
+        results: dict[str, Any] = {"cohort_counts": counts, "seeds": seeds, "variants": {}}
+        for name, overrides in chosen.items():
+            row = measure(overrides, seeds, workdir)
+            results["variants"][name] = row
+            text = " ".join(f"{f} {row[f]['mean']:.3f}±{row[f]['sd']:.3f}" for f in FIGURES)
+            constant = row["constant_classifier_seeds"]
+            print(f"{name}: {text}; constant classifier in seeds {constant}", flush=True)
+    write_results("imbalance.json", results, args.quick)
+
+
+if __name__ == "__main__":
+    main()
