@@ -55,7 +55,15 @@ def with_exact_evaluation(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
     if summary["global"].get("evaluation") == "private":
         exact = exact_evaluation(run_dir)
-        summary["exact"] = {"accuracy": exact.accuracy, "auc": exact.auc, "loss": exact.loss}
+        summary["exact"] = {
+            "accuracy": exact.accuracy,
+            "balanced_accuracy": exact.balanced_accuracy,
+            "sensitivity": exact.sensitivity,
+            "specificity": exact.specificity,
+            "auc": exact.auc,
+            "loss": exact.loss,
+            "threshold": exact.threshold,
+        }
     return summary
 
 

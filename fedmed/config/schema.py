@@ -37,6 +37,7 @@ class ModelName(Enum):
     """Models a site can train (all Opacus-compatible)."""
 
     cnn = "cnn"
+    dpcnn = "dpcnn"
     svm = "svm"
     logreg = "logreg"
 

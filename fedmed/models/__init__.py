@@ -11,7 +11,7 @@ from fedmed.config.schema import ModelName
 from fedmed.data.types import DataSchema
 from fedmed.errors import ConfigError
 from fedmed.models.canary import CanaryHead
-from fedmed.models.cnn import DiagnosisNet
+from fedmed.models.cnn import DiagnosisNet, DPFirstNet
 from fedmed.models.linear import LinearClassifier
 from fedmed.models.losses import ClassWeightedLoss, build_loss, class_weights
 
@@ -31,7 +31,7 @@ def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 
 
 
 def _build_base_model(name: ModelName, schema: DataSchema) -> nn.Module:
-    if name is ModelName.cnn:
+    if name in (ModelName.cnn, ModelName.dpcnn):
         if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:
             raise ConfigError(
                 "model",
@@ -40,12 +40,15 @@ def _build_base_model(name: ModelName, schema: DataSchema) -> nn.Module:
                 "and the cnn needs square images (C, H, W)",
             )
         channels, size, _ = schema.input_shape
+        if name is ModelName.dpcnn:
+            return DPFirstNet(channels, schema.num_classes)
         return DiagnosisNet(channels, size, schema.num_classes)
     return LinearClassifier(math.prod(schema.input_shape), schema.num_classes)
 
 
 __all__ = [
     "ClassWeightedLoss",
+    "DPFirstNet",
     "DiagnosisNet",
     "LinearClassifier",
     "build_loss",

@@ -35,6 +35,8 @@ def test_diagnosisnet_has_no_batchnorm():
     [
         (ModelName.cnn, IMAGE),
         (ModelName.cnn, DataSchema((3, 28, 28), 5)),
+        (ModelName.dpcnn, IMAGE),
+        (ModelName.dpcnn, DataSchema((3, 28, 28), 5)),
         (ModelName.svm, TABULAR),
         (ModelName.logreg, TABULAR),
     ],
@@ -50,6 +52,19 @@ def test_cnn_parameter_count():
     model = build_model(ModelName.cnn, IMAGE, 0)
     count = sum(p.numel() for p in model.parameters())
     assert 400_000 <= count <= 440_000
+
+
+def test_the_dp_first_cnn_is_small_bounded_and_pooled():
+    """DP-SGD's noise grows with the weight count: under 5% of DiagnosisNet's; tanh
+    activations, GroupNorm, and a head on globally pooled features."""
+    model = build_model(ModelName.dpcnn, IMAGE, 0)
+    assert sum(p.numel() for p in model.parameters()) < 20_000
+    kinds = {type(m) for m in model.modules()}
+    assert {nn.Tanh, nn.GroupNorm, nn.AdaptiveAvgPool2d} <= kinds
+    assert nn.ReLU not in kinds and not any(issubclass(k, nn.modules.batchnorm._BatchNorm)
+                                            for k in kinds)  # fmt: skip
+    with pytest.raises(ConfigError):
+        build_model(ModelName.dpcnn, TABULAR, 0)
 
 
 def test_same_seed_same_initial_weights():
