@@ -186,7 +186,12 @@ def epoch_times(repeats: int, quick: bool) -> dict[str, Any]:
     DP time includes Opacus' wrapping of the model, as every round pays it.
     """
     torch.set_num_threads(1)
-    cases = {"pneumonia cnn": PNEUMONIA, "heart svm": ["dataset=heart", "model=svm"]}
+    dp_first = [o if o != "model=cnn" else "model=dpcnn" for o in PNEUMONIA]
+    cases = {
+        "pneumonia cnn": PNEUMONIA,
+        "pneumonia dpcnn": dp_first,
+        "heart svm": ["dataset=heart", "model=svm"],
+    }
     results = {label: _epoch_case(o, repeats, quick) for label, o in cases.items()}
     print(json.dumps(results, indent=1), flush=True)
     return results

@@ -38,6 +38,7 @@ FULL_RUNS: list[tuple[str, str, list[str]]] = [
         "private_evaluation.py",
         ["--only", "pneumonia", "--seeds", "0", "1", "2"],
     ),
+    ("imbalance", "imbalance.py", ["--seeds", "0", "1", "2", "3", "4"]),
     ("overhead", "overhead.py", []),
     ("scale", "scale.py", []),
     ("memory", "memory.py", []),
