@@ -51,3 +51,20 @@ def test_the_cohort_is_a_seeded_subset_of_the_bundled_images_at_the_ratios(tmp_p
     with np.load(out) as a, np.load(again) as b, np.load(other) as c:
         assert np.array_equal(a["train_images"], b["train_images"])  # seeded
         assert np.bincount(c["train_labels"][:, 0]).tolist() == [404, 1212]
+
+
+def test_the_tuning_cohort_never_holds_a_bundled_test_image(tmp_path: Path):
+    """Recipes are tuned on the tuning cohort: its test split comes from the bundled
+    validation images, so no bundled test image (the final figures') is ever looked at."""
+    tuning, final = tmp_path / "tuning.npz", tmp_path / "final.npz"
+    printed = _derive(tuning, "--tuning")
+    assert " test: 135 pneumonia, 81 normal" in printed  # 5 : 3 of the 135 / 135 val images
+    _derive(final)
+    with BUNDLED.open("rb") as handle, np.load(handle) as bundled, np.load(tuning) as t:
+        val = _pairs(bundled["val_images"], bundled["val_labels"][:, 0])
+        test = _pairs(bundled["test_images"], bundled["test_labels"][:, 0])
+        drawn = _pairs(t["test_images"], t["test_labels"][:, 0])
+        assert drawn <= val and not set(drawn) & set(test)
+        assert len(t["val_labels"]) == 0
+        with np.load(final) as f:
+            assert np.array_equal(t["train_images"], f["train_images"])  # same training cohort
