@@ -60,7 +60,8 @@ class SiteProjection:
     declines_from_round: int | None = None
     reason: str = ""
     refuses: str = ""  # the site would refuse the run (its kit owns what the run changes)
-    # The test split: each evaluation is one Gaussian release of its counts.
+    # The held-out records (test, and validation under a threshold rule): each evaluation is
+    # one Gaussian release of their counts.
     test_records: int = 0
     evaluation_noise_multiplier: float = 0.0
     evaluation_spent_epsilon: float = 0.0
@@ -117,9 +118,9 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
     except SiteError as err:
         return _refused(setup.name, str(err))
     data = load_site(cfg, index)
-    records, test_records = len(data.y_train), len(data.y_test)
+    records, test_records = len(data.y_train), data.held_out_records  # test (+ validation)
     check_delta(policy.site, policy.delta, records)
-    check_delta(policy.site, policy.delta, test_records, records="test")
+    check_delta(policy.site, policy.delta, test_records, records="held-out (test and validation)")
     sigma = run_noise_multiplier(cfg, policy, records)
     try:
         check_noise(setup, cfg, sigma)
