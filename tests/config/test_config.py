@@ -216,3 +216,10 @@ def test_config_hash_names_the_configuration_not_the_object() -> None:
     assert config_hash(first) == config_hash(again) == config_hash(first)
     assert config_hash(other) != config_hash(first)
     assert len(config_hash(first)) == 64
+
+
+def test_the_dp_image_recipe_sets_what_it_documents(compose):
+    cfg = compose("dataset=pneumonia", "model=cnn", "privacy=dp", "+recipe=dp_image")
+    assert (cfg.model.batch_size, cfg.model.lr, cfg.federation.rounds) == (64, 0.02, 20)
+    assert cfg.privacy.max_grad_norm == 5.0 and cfg.evaluation.threshold == "youden"
+    assert list(cfg.privacy.evaluation_margin_edges) == [-8, -6, -4, -2, 0, 2, 4, 6, 8]
