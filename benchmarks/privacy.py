@@ -134,7 +134,8 @@ def plot_sweep(rows: dict[str, Any], path: Path) -> None:
 
 def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, Any]:
     """Median epoch time of plain SGD and DP-SGD at one site, alternating, in every per-sample
-    gradient mode Opacus offers (ghost clipping, hooks, ExpandedWeights, functorch)."""
+    gradient mode Opacus offers (ghost clipping, hooks, ExpandedWeights, functorch) and in
+    fedmed's book-keeping clipping."""
     from fedmed.data import load_site
     from fedmed.models import build_loss, build_model
     from fedmed.privacy.dp_sgd import DpSgdSettings, make_private_training
@@ -164,6 +165,7 @@ def _epoch_case(overrides: list[str], repeats: int, quick: bool) -> dict[str, An
         "dp hooks": "hooks",
         "dp ew": "ew",
         "dp functorch": "functorch",
+        "dp bookkeeping": "bookkeeping",  # fedmed's single-backward clipping
     }
     seconds: dict[str, list[float]] = {name: [] for name in modes}
     for _ in range(repeats):

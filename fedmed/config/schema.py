@@ -63,11 +63,14 @@ class Accountant(Enum):
 
 
 class ClippingMode(Enum):
-    """How Opacus gets per-sample gradient norms (privacy accounting is identical for all)."""
+    """How per-sample gradients are clipped (privacy accounting is identical for all): an
+    Opacus grad_sample_mode, or fedmed's single-backward book-keeping
+    (``fedmed.privacy.bookkeeping``; Opacus still samples, adds the noise and accounts)."""
 
     ghost = "ghost"
     hooks = "hooks"
     functorch = "functorch"
+    bookkeeping = "bookkeeping"
 
 
 class BaselineMode(Enum):

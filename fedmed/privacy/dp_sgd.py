@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmed.config.schema import FedMedConfig
+from fedmed.config.schema import ClippingMode, FedMedConfig
 from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
 from fedmed.privacy.budget import SitePolicy, dp_config
 from fedmed.train import TrainResult, TrainSettings, make_loader, train_local
@@ -38,11 +38,14 @@ class DpSgdSettings:
 
     noise_multiplier: float
     max_grad_norm: float
-    clipping: str  # Opacus grad_sample_mode: "ghost", "hooks" or "functorch"
+    clipping: str  # Opacus grad_sample_mode ("ghost", "hooks", "functorch") or "bookkeeping"
     accountant: str
     # Empirical-audit self-test only (audit.disable_noise, refused when deployed): add no
     # noise while the accountant still records the claimed noise multiplier.
     audit_disable_noise: bool = False
+
+
+BOOKKEEPING = ClippingMode.bookkeeping.value
 
 
 def poisson_plan(num_records: int, batch_size: int, epochs: int, sigma: float) -> DPSteps:
@@ -129,6 +132,8 @@ def make_private_training(
     optimizer = settings.sgd(model)
     loader = make_loader(x, y, settings.batch_size, seed=0)
     loader.generator = rng or _secret_generator()  # Opacus' Poisson sampler inherits it
+    if dp.clipping == BOOKKEEPING:
+        return _bookkeeping_training(model, loss_fn, optimizer, loader, dp, rng)
     extra = {"criterion": loss_fn} if dp.clipping == "ghost" else {}
     with warnings.catch_warnings():
         # Opacus' secure_mode needs torchcsprng; the generators above come from OS entropy.
@@ -153,6 +158,55 @@ def make_private_training(
         private_model, private_optimizer, private_loader = wrapped
         private_loss = loss_fn
     return PrivateTraining(private_model, private_optimizer, private_loss, private_loader, engine)
+
+
+def _bookkeeping_training(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: DataLoader,
+    dp: DpSgdSettings,
+    rng: torch.Generator | None,
+) -> PrivateTraining:
+    """DP-SGD with fedmed's single-backward clipping; everything else is Opacus', set up as
+    ``PrivacyEngine.make_private`` sets it up: its Poisson loader, the expected batch size,
+    its optimizer for pre-clipped gradients (noise, scaling) and its accountant's hook."""
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
+    from fedmed.privacy.bookkeeping import BookKeeping
+
+    poisson = DPDataLoader.from_data_loader(loader, generator=loader.generator)
+    sample_rate = 1 / len(poisson)
+    clipper = BookKeeping(model, dp.max_grad_norm)
+    private_optimizer = _bookkeeping_optimizer(
+        clipper,
+        optimizer,
+        noise_multiplier=dp.noise_multiplier,
+        max_grad_norm=dp.max_grad_norm,
+        expected_batch_size=int(len(poisson.dataset) * sample_rate),
+        generator=rng or _secret_generator(),
+    )
+    engine = PrivacyEngine(accountant=dp.accountant)
+    private_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate))
+    if dp.audit_disable_noise:
+        _add_no_noise(private_optimizer)
+    model.cleanup = clipper.remove  # type: ignore[assignment]  # as Opacus' wrapper has
+    return PrivateTraining(model, private_optimizer, loss_fn, poisson, engine)
+
+
+def _bookkeeping_optimizer(clipper: Any, optimizer: torch.optim.Optimizer, **kwargs: Any) -> Any:
+    """Opacus' optimizer for gradients that arrive clipped and summed, fed by ``clipper``."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    class BookKeepingOptimizer(DPOptimizerFastGradientClipping):
+        def pre_step(self, closure: Any = None) -> Any:
+            clipper.clip_into_grads()
+            return super().pre_step(closure)
+
+    private = BookKeepingOptimizer(optimizer, **kwargs)
+    private.clipper = clipper
+    return private
 
 
 def _add_no_noise(optimizer: Any) -> None:
