@@ -157,6 +157,10 @@ def test_config_errors_name_the_key(compose: Callable[..., FedMedConfig]) -> Non
                          "dataset.binarize_above=null", "dataset.classes=[0,1,2,3,4]")  # fmt: skip
     with pytest.raises(ConfigError, match=r"evaluation\.threshold.*binary task"):
         load_site(multiclass, 0)
+    fixed = compose("dataset=heart", "evaluation.threshold=0.5", "dataset.binarize_above=null",
+                    "dataset.classes=[0,1,2,3,4]")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"evaluation\.threshold=.0\.5.*binary task"):
+        load_site(fixed, 0)
 
 
 def test_an_evaluate_report_carries_the_validation_split_both_ways(

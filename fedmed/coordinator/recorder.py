@@ -35,7 +35,12 @@ from fedmed.metrics import (
     split_held_out,
     stats_from_counts,
 )
-from fedmed.operating_point import OPERATING_POINT_FILE, choose_threshold, parse_threshold
+from fedmed.operating_point import (
+    OPERATING_POINT_FILE,
+    ThresholdRule,
+    choose_threshold,
+    parse_threshold,
+)
 from fedmed.plots import chart
 from fedmed.privacy.budget import dp_config
 from fedmed.protocol import EvaluateReport, FitReport
@@ -238,7 +243,7 @@ class RunRecorder:
         rule = parse_threshold(self.cfg.evaluation.threshold)
         if exact:
             validations = [r.validation for r in reports if r.validation is not None]
-            threshold = self._threshold(EvalStats.merge(validations) if validations else None)
+            threshold = _threshold(rule, EvalStats.merge(validations) if validations else None)
             if threshold != 0.0:
                 exact = {site: stats.at_threshold(threshold) for site, stats in exact.items()}
             merged = EvalStats.merge(list(exact.values()))
@@ -256,7 +261,7 @@ class RunRecorder:
             if validation_counts is not None:
                 n_validation = sum(r.validation_examples for r in private)
                 validation = stats_from_counts(validation_counts, n_validation, edges)
-            threshold = self._threshold(validation)
+            threshold = _threshold(rule, validation)
             n = sum(r.num_examples for r in private)
             merged = stats_from_counts(test_counts, n, edges, threshold)
             self._private_rows(server_round, private, merged)
@@ -288,14 +293,6 @@ class RunRecorder:
             f"{record.seconds:.1f}s",
         )
         return record
-
-    def _threshold(self, validation: EvalStats | None) -> float:
-        """The operating point: ``evaluation.threshold``'s rule on the summed validation
-        figures (a fixed margin needs none)."""
-        rule = parse_threshold(self.cfg.evaluation.threshold)
-        if validation is None or validation.hist_pos is None:
-            return rule.value if not rule.needs_validation else 0.0
-        return choose_threshold(validation, rule)
 
     def _threshold_text(self, record: RoundRecord) -> str:
         """The operating point in the progress line, when a rule or a margin other than 0
@@ -449,6 +446,14 @@ class RunRecorder:
             (self.output_dir / OPERATING_POINT_FILE).write_text(json.dumps(point, indent=2))
         self.privacy.write(self.output_dir)
         return summary
+
+
+def _threshold(rule: ThresholdRule, validation: EvalStats | None) -> float:
+    """The operating point: ``rule`` on the summed validation figures (a fixed margin needs
+    none; a rule without validation figures keeps 0)."""
+    if validation is None or validation.hist_pos is None:
+        return 0.0 if rule.needs_validation else rule.value
+    return choose_threshold(validation, rule)
 
 
 def _title(cfg: FedMedConfig) -> str:

@@ -289,19 +289,19 @@ def load_site(cfg: FedMedConfig, index: int) -> SiteData:
     total = num_sites(cfg)
     if not 0 <= index < total:
         raise ConfigError("site index", index, f"0..{total - 1}")
-    validation = parse_threshold(cfg.evaluation.threshold).needs_validation
-    fraction = cfg.evaluation.validation_fraction if validation else None
+    rule = parse_threshold(cfg.evaluation.threshold)
+    fraction = cfg.evaluation.validation_fraction if rule.needs_validation else None
     key = (repr((cfg.dataset, cfg.federation.num_sites, cfg.seed, cfg.audit, fraction)), index)
     if key not in _site_cache:
         data = _load_site_uncached(cfg, index)
+        if (rule.needs_validation or rule.value != 0.0) and data.num_classes != 2:
+            raise ConfigError(
+                "evaluation.threshold",
+                cfg.evaluation.threshold,
+                f"0: {cfg.dataset.name} has {data.num_classes} classes, and a decision "
+                "threshold on the logit margin needs a binary task",
+            )
         if fraction is not None:
-            if data.num_classes != 2:
-                raise ConfigError(
-                    "evaluation.threshold",
-                    cfg.evaluation.threshold,
-                    f"a logit margin: {cfg.dataset.name} has {data.num_classes} classes, and "
-                    "a threshold rule needs a binary task",
-                )
             data = with_validation(data, fraction, cfg.seed)
         if cfg.audit.canaries and data.name == audited_site(cfg):
             data = with_canaries(data, cfg)  # the empirical audit's site only
