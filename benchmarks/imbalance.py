@@ -17,11 +17,12 @@ site's records (``model.class_weight=balanced`` would read them, and is refused 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import mean_sd, model_utility, quick_subset, run, write_results
+from common import RESULTS, mean_sd, model_utility, quick_subset, run, write_results
 from imbalanced_cohort import derive
 
 TRAIN_RATIO = (9, 1)  # pneumonia : normal
@@ -38,9 +39,11 @@ def public_weights(ratio: tuple[int, int]) -> list[float]:
 
 
 def variants(cohort: Path) -> dict[str, list[str]]:
-    """The settings compared: today's defaults, and the DP recipe tuned on the tuning cohort
-    (``imbalanced_cohort.py --tuning``: its test split is drawn from the bundled validation
-    images), with the private operating point."""
+    """The settings compared: today's defaults, the scattering model, and the DP recipe
+    ``+recipe=dp_image`` tuned on the tuning cohort (``imbalanced_cohort.py --tuning``: its
+    test split is drawn from the bundled validation images), with the private operating point.
+    ``dp_cnn_recipe`` is the best DiagnosisNet recipe found on that cohort, kept for the
+    comparison."""
     base = [
         "dataset=medmnist",
         f"dataset.path={cohort}",
@@ -51,7 +54,7 @@ def variants(cohort: Path) -> dict[str, list[str]]:
         "secagg=off",
     ]
     dp = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4"]
-    recipe = [
+    cnn_recipe = [
         "model.batch_size=64",
         "model.lr=0.02",
         "privacy.max_grad_norm=5",
@@ -60,12 +63,15 @@ def variants(cohort: Path) -> dict[str, list[str]]:
         "privacy.evaluation_margin_edges=[-8,-6,-4,-2,0,2,4,6,8]",
     ]
     weights = "model.class_weight=[{},{}]".format(*public_weights(TRAIN_RATIO))
+    scatter = [o if o != "model=cnn" else "model=scatter" for o in base]
     return {
         "nonprivate": base,
         "nonprivate_youden": [*base, "evaluation.threshold=youden"],
+        "nonprivate_scatter_youden": [*scatter, "evaluation.threshold=youden"],
         "dp": [*base, *dp],
-        "dp_recipe": [*base, *dp, *recipe],
-        "dp_recipe_weighted": [*base, *dp, *recipe, weights],
+        "dp_cnn_recipe": [*base, *dp, *cnn_recipe],
+        "dp_cnn_recipe_weighted": [*base, *dp, *cnn_recipe, weights],
+        "dp_recipe": [*scatter, *dp, "+recipe=dp_image"],
     }
 
 
@@ -107,6 +113,9 @@ def main() -> None:
             chosen = {k: [*v, "federation.rounds=1"] for k, v in chosen.items() if k == "dp_recipe"}
         seeds = quick_subset(args.seeds, args.quick)
         results: dict[str, Any] = {"cohort_counts": counts, "seeds": seeds, "variants": {}}
+        if args.only and (RESULTS / "imbalance.json").is_file():  # keep the other variants
+            earlier = json.loads((RESULTS / "imbalance.json").read_text())
+            results["variants"] = earlier["variants"]
         for name, overrides in chosen.items():
             row = measure(overrides, seeds, workdir)
             results["variants"][name] = row

@@ -32,6 +32,10 @@ HEART_DP = ["dataset=heart", "privacy=dp", "privacy.target_epsilon=1.0", "privac
 HEART_DP += ["secagg=off"]
 PNEUMONIA = ["dataset=pneumonia", "model=cnn", "federation.num_sites=4", "dataset.partition=iid"]
 PNEUMONIA_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4", "model.lr=0.02"]
+# the DP image recipe (conf/recipe/dp_image.yaml: scattering features, a linear classifier)
+SCATTER = [o if o != "model=cnn" else "model=scatter" for o in PNEUMONIA]
+SCATTER_DP = ["privacy=dp", "privacy.target_epsilon=3", "privacy.delta=1e-4", "+recipe=dp_image"]
+FIGURES = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "auc")
 SWEEP_EPSILON = {"eps0_5": 0.5, "eps1": 1.0, "eps2": 2.0, "eps4": 4.0, "eps8": 8.0}
 
 
@@ -41,20 +45,18 @@ def _max_epsilon(summary: dict[str, Any]) -> float | None:
 
 
 def _federated(overrides: list[str], seeds: list[int], workdir: Path) -> dict[str, Any]:
-    accs, aucs, eps = [], [], []
+    per_seed: dict[str, list[float]] = {figure: [] for figure in FIGURES}
+    eps = []
     for seed in seeds:
         summary, _ = run("simulate", [*overrides, f"seed={seed}"], workdir)
-        accs.append(model_utility(summary)["accuracy"])
-        aucs.append(model_utility(summary)["auc"])
+        for figure in FIGURES:
+            per_seed[figure].append(model_utility(summary)[figure])
         eps.append(_max_epsilon(summary))
-    row = {
-        "accuracy": mean_sd(accs),
-        "auc": mean_sd(aucs),
-        "per_seed_accuracy": accs,
-        "per_seed_auc": aucs,
-        "max_site_epsilon": eps,
-    }
-    print(f"{overrides}: acc {row['accuracy']} auc {row['auc']} eps {eps}", flush=True)
+    row: dict[str, Any] = {figure: mean_sd(values) for figure, values in per_seed.items()}
+    row.update({f"per_seed_{figure}": values for figure, values in per_seed.items()})
+    row["max_site_epsilon"] = eps
+    text = " ".join(f"{f} {row[f]['mean']:.3f}±{row[f]['sd']:.3f}" for f in FIGURES)
+    print(f"{overrides}: {text} eps {eps}", flush=True)
     return row
 
 
@@ -66,37 +68,60 @@ def heart(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dic
 
 
 def pneumonia(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dict[str, Any]:
-    cases = {"dp_eps3": [*PNEUMONIA, *PNEUMONIA_DP], "non_private": PNEUMONIA}
+    cases = {
+        "dp_eps3_recipe": [*SCATTER, *SCATTER_DP],
+        "dp_eps3": [*PNEUMONIA, *PNEUMONIA_DP],
+        "non_private": PNEUMONIA,
+        "non_private_scatter": [*SCATTER, "evaluation.threshold=youden"],
+    }
     return {
         name: _federated([*cases[name], *extra], seeds, workdir)
         for name in quick_subset(list(cases), quick)
     }
 
 
-def sweep(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dict[str, Any]:
-    """One ``--multirun`` over epsilon (and seeds), then a plot of accuracy/AUC vs epsilon."""
-    sweep_dir = workdir / "sweep"
+SWEEPS = {
+    # task: (multirun overrides, levels beyond the DP ones, the plot's title and file)
+    "heart": (
+        ["dataset=heart", "model=svm"],
+        ["none"],
+        "heart disease, svm, 4 hospitals",
+        "utility_vs_epsilon.png",
+    ),
+    # the recipe's DP-only keys would be unknown keys under privacy=none: the non-private
+    # reference is the pneumonia benchmark's non_private_scatter row instead
+    "pneumonia": (
+        [*SCATTER, "+recipe=dp_image", "privacy.delta=1e-4"],
+        [],
+        "pneumonia, scatter + dp_image recipe, 4 sites",
+        "utility_vs_epsilon_pneumonia.png",
+    ),
+}
+
+
+def sweep(
+    task: str, seeds: list[int], extra: list[str], workdir: Path, quick: bool
+) -> dict[str, Any]:
+    """One ``--multirun`` over epsilon (and seeds) for ``task``."""
+    sweep_dir = workdir / f"sweep-{task}"
     seed_list = ",".join(str(s) for s in seeds)
-    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), "none"])
-    args = ["--multirun", "dataset=heart", "model=svm", f"+epsilon={levels}", f"seed={seed_list}"]
-    args += extra
+    task_overrides, reference, _, _ = SWEEPS[task]
+    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), *reference])
+    args = ["--multirun", *task_overrides, f"+epsilon={levels}", f"seed={seed_list}", *extra]
     run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
     by_level: dict[str, dict[str, list[Any]]] = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
         level = next(lv for lv in [*SWEEP_EPSILON, "none"] if f"+epsilon={lv}\n" in overrides)
         summary = with_exact_evaluation(summary_path.parent)
-        cell: dict[str, list[Any]] = by_level.setdefault(
-            level, {"accuracy": [], "auc": [], "max_site_epsilon": []}
-        )
-        cell["accuracy"].append(model_utility(summary)["accuracy"])
-        cell["auc"].append(model_utility(summary)["auc"])
+        cell = by_level.setdefault(level, {f: [] for f in [*FIGURES, "max_site_epsilon"]})
+        for figure in FIGURES:
+            cell[figure].append(model_utility(summary)[figure])
         cell["max_site_epsilon"].append(_max_epsilon(summary))
     rows = {
         level: {
             "target_epsilon": SWEEP_EPSILON.get(level),
-            "accuracy": mean_sd(cell["accuracy"]),
-            "auc": mean_sd(cell["auc"]),
+            **{figure: mean_sd(cell[figure]) for figure in FIGURES},
             "max_site_epsilon": None if level == "none" else max(cell["max_site_epsilon"]),
             "runs": len(cell["accuracy"]),
         }
@@ -106,24 +131,26 @@ def sweep(seeds: list[int], extra: list[str], workdir: Path, quick: bool) -> dic
     return {"command": f"fedmed simulate {' '.join(args)}", "levels": rows}
 
 
-def plot_sweep(rows: dict[str, Any], path: Path) -> None:
+def plot_sweep(
+    rows: dict[str, Any], title: str, path: Path, reference: dict[str, Any] | None = None
+) -> None:
+    """Accuracy, balanced accuracy and AUC vs epsilon; dashed: the non-private reference
+    (the sweep's own ``none`` level, else ``reference``)."""
     from fedmed.plots import chart
 
     levels = [lv for lv in SWEEP_EPSILON if lv in rows]
     xs = [SWEEP_EPSILON[lv] for lv in levels]
+    reference = rows.get("none", reference)
     with chart(
-        path,
-        xlabel="target epsilon per site (delta = 1e-3)",
-        ylabel="global test metric",
-        title="heart disease, svm, 4 hospitals: utility vs epsilon",
+        path, xlabel="target epsilon per site", ylabel="global test metric", title=title
     ) as ax:
-        for metric, marker in (("accuracy", "o"), ("auc", "s")):
+        for metric, marker in (("accuracy", "o"), ("balanced_accuracy", "^"), ("auc", "s")):
             ys = [rows[lv][metric]["mean"] for lv in levels]
             err = [rows[lv][metric]["sd"] for lv in levels]
             line = ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=metric)
-            if "none" in rows:
+            if reference is not None:
                 ax.axhline(
-                    rows["none"][metric]["mean"],
+                    reference[metric]["mean"],
                     linestyle="--",
                     color=line[0].get_color(),
                     label=f"{metric}, no DP",
@@ -192,6 +219,7 @@ def epoch_times(repeats: int, quick: bool) -> dict[str, Any]:
     cases = {
         "pneumonia cnn": PNEUMONIA,
         "pneumonia dpcnn": dp_first,
+        "pneumonia scatter": SCATTER,
         "heart svm": ["dataset=heart", "model=svm"],
     }
     results = {label: _epoch_case(o, repeats, quick) for label, o in cases.items()}
@@ -219,12 +247,14 @@ def main() -> None:
         if "pneumonia" in args.only:
             results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir, args.quick)}
         if "sweep" in args.only:
-            results["utility_vs_epsilon"] = {
-                "seeds": seeds,
-                **sweep(seeds, extra, workdir, args.quick),
-            }
-            plot = workdir if args.quick else RESULTS  # a quick run draws it, and keeps nothing
-            plot_sweep(results["utility_vs_epsilon"]["levels"], plot / "utility_vs_epsilon.png")
+            sweeps: dict[str, Any] = {}
+            results["utility_vs_epsilon"] = sweeps
+            for task in quick_subset(list(SWEEPS), args.quick):
+                sweeps[task] = {"seeds": seeds, **sweep(task, seeds, extra, workdir, args.quick)}
+                reference = results.get("pneumonia", {}).get("non_private_scatter")
+                plot = workdir if args.quick else RESULTS  # a quick run draws, keeps nothing
+                _, _, title, name = SWEEPS[task]
+                plot_sweep(sweeps[task]["levels"], title, plot / name, reference)
         if "epoch" in args.only:
             results["epoch_time"] = epoch_times(1 if args.quick else 5, args.quick)
     if not args.quick:

@@ -22,7 +22,7 @@ HERE = Path(__file__).resolve().parent
 FULL_RUNS: list[tuple[str, str, list[str]]] = [
     ("core_federation", "core_federation.py", ["--seeds", "0", "1", "2"]),
     ("privacy", "privacy.py", ["--only", "heart", "--seeds", "0", "1", "2", "3", "4"]),
-    ("privacy", "privacy.py", ["--only", "pneumonia", "sweep", "--seeds", "0", "1", "2"]),
+    ("privacy", "privacy.py", ["--only", "pneumonia", "sweep", "--seeds", "0", "1", "2", "3", "4"]),
     ("privacy", "privacy.py", ["--only", "epoch"]),
     ("secure_aggregation", "secure_aggregation.py", ["--seeds", "0", "1", "2"]),
     (

@@ -26,6 +26,17 @@ def run_fedmed(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[
     )
 
 
+def derive_cohort(out: Path, *args: str) -> str:
+    """Write an imbalanced cohort with benchmarks/imbalanced_cohort.py; returns its output."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "imbalanced_cohort.py"), "--out", str(out),
+         *args],
+        capture_output=True, text=True, check=False, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
 def read_summary(run_dir: Path) -> dict[str, Any]:
     summary: dict[str, Any] = json.loads((run_dir / "summary.json").read_text())
     return summary

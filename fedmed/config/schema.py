@@ -38,6 +38,7 @@ class ModelName(Enum):
 
     cnn = "cnn"
     dpcnn = "dpcnn"
+    scatter = "scatter"
     svm = "svm"
     logreg = "logreg"
 

@@ -14,6 +14,7 @@ from fedmed.models.canary import CanaryHead
 from fedmed.models.cnn import DiagnosisNet, DPFirstNet
 from fedmed.models.linear import LinearClassifier
 from fedmed.models.losses import ClassWeightedLoss, build_loss, class_weights
+from fedmed.models.scatter import SCALES, ScatterNet
 
 
 def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 0) -> nn.Module:
@@ -31,17 +32,24 @@ def build_model(name: ModelName, schema: DataSchema, seed: int, canaries: int = 
 
 
 def _build_base_model(name: ModelName, schema: DataSchema) -> nn.Module:
-    if name in (ModelName.cnn, ModelName.dpcnn):
+    if name in (ModelName.cnn, ModelName.dpcnn, ModelName.scatter):
         if len(schema.input_shape) != 3 or schema.input_shape[1] != schema.input_shape[2]:
             raise ConfigError(
                 "model",
                 name.value,
                 f"svm or logreg: the data has shape {schema.input_shape}, "
-                "and the cnn needs square images (C, H, W)",
+                f"and {name.value} needs square images (C, H, W)",
             )
         channels, size, _ = schema.input_shape
+        if name is ModelName.scatter and size % 2**SCALES:
+            raise ConfigError(
+                "model", name.value, f"cnn: scatter needs images a multiple of {2**SCALES} "
+                f"pixels wide, the data's are {size}",
+            )
         if name is ModelName.dpcnn:
             return DPFirstNet(channels, schema.num_classes)
+        if name is ModelName.scatter:
+            return ScatterNet(channels, size, schema.num_classes)
         return DiagnosisNet(channels, size, schema.num_classes)
     return LinearClassifier(math.prod(schema.input_shape), schema.num_classes)
 
@@ -51,6 +59,7 @@ __all__ = [
     "DPFirstNet",
     "DiagnosisNet",
     "LinearClassifier",
+    "ScatterNet",
     "build_loss",
     "build_model",
     "class_weights",

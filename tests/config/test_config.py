@@ -219,7 +219,8 @@ def test_config_hash_names_the_configuration_not_the_object() -> None:
 
 
 def test_the_dp_image_recipe_sets_what_it_documents(compose):
-    cfg = compose("dataset=pneumonia", "model=cnn", "privacy=dp", "+recipe=dp_image")
-    assert (cfg.model.batch_size, cfg.model.lr, cfg.federation.rounds) == (64, 0.02, 20)
-    assert cfg.privacy.max_grad_norm == 5.0 and cfg.evaluation.threshold == "youden"
-    assert list(cfg.privacy.evaluation_margin_edges) == [-8, -6, -4, -2, 0, 2, 4, 6, 8]
+    cfg = compose("dataset=pneumonia", "privacy=dp", "+recipe=dp_image")
+    assert cfg.model.name is ModelName.scatter
+    assert (cfg.model.batch_size, cfg.model.lr, cfg.federation.rounds) == (64, 0.4, 10)
+    assert cfg.privacy.max_grad_norm == 1.0 and cfg.evaluation.threshold == "youden"
+    assert list(cfg.privacy.evaluation_margin_edges) == list(range(-2, 13))

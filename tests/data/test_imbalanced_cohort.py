@@ -3,8 +3,6 @@ the bundled real images at the requested class ratios: nothing is created or alt
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections import Counter
 from importlib.resources import files
 from pathlib import Path
@@ -12,19 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from fedmed.data.images import load_medmnist
-from tests.e2e import REPO
+from tests.e2e import derive_cohort as _derive
 
-SCRIPT = REPO / "benchmarks" / "imbalanced_cohort.py"
 BUNDLED = files("fedmed.data.bundled") / "pneumoniamnist" / "pneumoniamnist_subset.npz"
-
-
-def _derive(out: Path, *args: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--out", str(out), *args],
-        capture_output=True, text=True, check=False, timeout=120,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def _pairs(images: np.ndarray, labels: np.ndarray) -> Counter[tuple[bytes, int]]:

@@ -37,6 +37,8 @@ def test_diagnosisnet_has_no_batchnorm():
         (ModelName.cnn, DataSchema((3, 28, 28), 5)),
         (ModelName.dpcnn, IMAGE),
         (ModelName.dpcnn, DataSchema((3, 28, 28), 5)),
+        (ModelName.scatter, IMAGE),
+        (ModelName.scatter, DataSchema((3, 28, 28), 5)),
         (ModelName.svm, TABULAR),
         (ModelName.logreg, TABULAR),
     ],
@@ -65,6 +67,20 @@ def test_the_dp_first_cnn_is_small_bounded_and_pooled():
                                             for k in kinds)  # fmt: skip
     with pytest.raises(ConfigError):
         build_model(ModelName.dpcnn, TABULAR, 0)
+
+
+def test_scatternet_trains_only_its_classifier_and_ships_no_filters():
+    """The scattering is fixed and rebuilt by every party: its filters are neither trained
+    (no gradients, nothing to clip or noise) nor in the state_dict that Flower sends."""
+    model = build_model(ModelName.scatter, IMAGE, 0)
+    assert {name.split(".")[0] for name, _ in model.named_parameters()} == {"norm", "classifier"}
+    assert list(model.state_dict()) == [
+        "norm.weight", "norm.bias", "classifier.weight", "classifier.bias"
+    ]  # fmt: skip
+    assert sum(p.numel() for p in model.parameters()) < 10_000
+    assert any(True for _ in model.scattering.buffers())  # the filters are there, unsent
+    with pytest.raises(ConfigError):
+        build_model(ModelName.scatter, TABULAR, 0)
 
 
 def test_same_seed_same_initial_weights():

@@ -27,6 +27,7 @@ CASES = {
     ),
     "pneumonia cnn": (("dataset=pneumonia", "model=cnn"), 24),
     "pneumonia dpcnn": (("dataset=pneumonia", "model=dpcnn"), 24),
+    "pneumonia scatter": (("dataset=pneumonia", "model=scatter"), 24),
 }
 
 
