@@ -62,6 +62,9 @@ NOISY_COUNTS_KEY = "noisy_counts"  # a DP evaluation's released counts (float64 
 # in the one noisy vector, beside the validation split's public size.
 VALIDATION_PREFIX = "validation_"
 VALIDATION_EXAMPLES_KEY = "validation_examples"
+# personalization=finetune under DP: the accounting of the DP-SGD steps a site took on its
+# records for its personal model (which stays at the site), beside its final evaluation.
+PERSONAL_PREFIX = "personal_"
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,7 @@ class EvaluateReport:
     privacy: PrivacyReport | None = None
     validation: EvalStats | None = None
     validation_examples: int = 0
+    personal: PrivacyReport | None = None  # DP fine-tuning's accounting (never the model)
 
     def to_metrics(self) -> dict[str, Scalar]:
         if self.stats is not None:
@@ -144,6 +148,8 @@ class EvaluateReport:
             out[NOISY_COUNTS_KEY] = self.noisy_counts.astype(np.float64).tobytes()
         if self.privacy is not None:
             out.update(self.privacy.to_metrics())
+        if self.personal is not None:
+            out.update({PERSONAL_PREFIX + k: v for k, v in self.personal.to_metrics().items()})
         return out
 
     @classmethod
@@ -182,6 +188,11 @@ class EvaluateReport:
         if counts is None and privacy.declined is None and not masked:
             raise RecordError(f"evaluate report lacks {NOISY_COUNTS_KEY}")
         validation_examples = int(fields.get(VALIDATION_EXAMPLES_KEY, 0))
+        personal = {
+            key[len(PERSONAL_PREFIX) :]: value
+            for key, value in metrics.items()
+            if key.startswith(PERSONAL_PREFIX)
+        }
         return cls(
             site,
             None,
@@ -189,6 +200,9 @@ class EvaluateReport:
             counts,
             privacy,
             validation_examples=validation_examples,
+            personal=PrivacyReport(**read_fields(PrivacyReport, personal, "evaluate report"))
+            if personal
+            else None,
         )
 
     @property
@@ -213,6 +227,7 @@ class Release(StrEnum):
 
 
 _ACCOUNTING = {key: Release.PUBLIC for key in PRIVACY_METRIC_KEYS}  # of public parameters
+_PERSONAL_ACCOUNTING = {PERSONAL_PREFIX + key: Release.PUBLIC for key in PRIVACY_METRIC_KEYS}
 # Every value any reply of a site holds: {record name in the reply: {key: what it is}}, and
 # per private release its mechanism. A value not listed here must never leave a site.
 RELEASES: dict[str, dict[str, Release]] = {
@@ -223,6 +238,7 @@ RELEASES: dict[str, dict[str, Release]] = {
         VALIDATION_EXAMPLES_KEY: Release.PUBLIC,  # a SecAgg+ evaluation's validation split size
         "train_loss": Release.EXACT,
         **_ACCOUNTING,
+        **_PERSONAL_ACCOUNTING,  # beside a SecAgg+ evaluation
     },
     "fitres.num_examples": {NUM_EXAMPLES_KEY: Release.PUBLIC},
     "fitres.status": {"code": Release.PROTOCOL, "message": Release.PROTOCOL},
@@ -232,6 +248,7 @@ RELEASES: dict[str, dict[str, Release]] = {
         VALIDATION_EXAMPLES_KEY: Release.PUBLIC,  # validation split size
         NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,  # test (then validation) split counts
         **_ACCOUNTING,
+        **_PERSONAL_ACCOUNTING,
         **{
             prefix + key: Release.EXACT
             for prefix in ("", VALIDATION_PREFIX)

@@ -91,11 +91,14 @@ def train_local(
     optimizer: torch.optim.Optimizer | None = None,
     *,
     private: bool = False,
+    anchor: list[torch.Tensor] | None = None,
 ) -> TrainResult:
     """Run ``settings.epochs`` epochs of SGD over ``loader``.
 
-    With ``proximal_mu > 0`` (FedProx) the site is anchored to the global model it started
-    from by mu/2 * ||w - w_start||^2. Non-private training adds it to the loss; with DP-SGD
+    With ``proximal_mu > 0`` the model is pulled towards ``anchor`` (one tensor per
+    parameter; default: the weights it started from, FedProx) by mu/2 * ||w - anchor||^2;
+    MR-MTL starts from the site's own model and anchors it to the global one. Non-private
+    training adds it to the loss; with DP-SGD
     (``private=True``) it is applied as a separate data-independent step after each noisy
     update, because Opacus clips only per-sample gradients. DP-SGD also steps on the empty
     batches Poisson sampling produces: each one adds noise and is a step of the mechanism.
@@ -103,7 +106,10 @@ def train_local(
     model.train()
     if optimizer is None:
         optimizer = settings.sgd(model)
-    anchor = [p.detach().clone() for p in model.parameters()] if settings.proximal_mu > 0 else []
+    if settings.proximal_mu <= 0:
+        anchor = []
+    elif anchor is None:
+        anchor = [p.detach().clone() for p in model.parameters()]
     epoch_loss, steps = 0.0, 0
     for _ in range(settings.epochs):
         total, count = 0.0, 0

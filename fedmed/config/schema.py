@@ -43,6 +43,14 @@ class ModelName(Enum):
     logreg = "logreg"
 
 
+class PersonalizationName(Enum):
+    """How a site gets a model of its own beside the global one (fedmed.site.personal)."""
+
+    none = "none"
+    finetune = "finetune"  # the final global model, trained further on the site's records
+    mrmtl = "mrmtl"  # mean-regularised multi-task learning (Liu et al. 2022)
+
+
 class StrategyName(Enum):
     """Flower legacy strategies the coordinator can aggregate with."""
 
@@ -173,6 +181,22 @@ class StrategyConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+
+
+@dataclass
+class PersonalizationConfig:
+    """Each site's personal model (fedmed.site.personal): it stays at the site, and every
+    step it takes on the site's records is DP-SGD under privacy=dp, in the same ledger.
+
+    ``finetune``: after the last round the site trains the global model ``epochs`` more
+    epochs on its records. ``mrmtl``: the site keeps its own model across rounds, trained
+    with ``lam`` / 2 x ||w - global||^2 pulling it to the global mean, and shares it (as
+    its update) in place of a fresh copy of the global model: no extra training steps.
+    """
+
+    name: PersonalizationName = PersonalizationName.none
+    epochs: int = 1
+    lam: float = 0.1
 
 
 @dataclass
@@ -341,6 +365,7 @@ class FedMedConfig:
     resume: bool = False
     audit: AuditConfig = field(default_factory=AuditConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    personalization: PersonalizationConfig = field(default_factory=PersonalizationConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
 
@@ -363,6 +388,9 @@ def register_schemas() -> None:
     store.store(group="model", name="model_schema", node=ModelConfig)
     store.store(group="strategy", name="strategy_schema", node=StrategyConfig)
     store.store(group="federation", name="federation_schema", node=FederationConfig)
+    store.store(
+        group="personalization", name="personalization_schema", node=PersonalizationConfig
+    )
     store.store(group="engine", name="engine_schema", node=EngineConfig)
     store.store(group="privacy", name="privacy_schema", node=PrivacyConfig)
     store.store(group="privacy", name="dp_schema", node=DpConfig)
@@ -506,12 +534,34 @@ def validate(cfg: FedMedConfig) -> None:
             f"under privacy=dp a fixed threshold among privacy.evaluation_margin_edges {edges}",
         )
 
+    _validate_personalization(cfg)
     s = cfg.strategy
     _require(s.proximal_mu >= 0.0, "strategy.proximal_mu", s.proximal_mu, "a number >= 0")
     _require(s.server_lr > 0.0, "strategy.server_lr", s.server_lr, "a number > 0")
     _require(0.0 <= s.beta1 < 1.0, "strategy.beta1", s.beta1, "a number in [0, 1)")
     _require(0.0 <= s.beta2 < 1.0, "strategy.beta2", s.beta2, "a number in [0, 1)")
     _require(s.tau > 0.0, "strategy.tau", s.tau, "a number > 0")
+
+
+def _validate_personalization(cfg: FedMedConfig) -> None:
+    p = cfg.personalization
+    _require(p.epochs >= 1, "personalization.epochs", p.epochs, "an integer >= 1")
+    _require(
+        p.lam >= 0.0 and math.isfinite(p.lam), "personalization.lam", p.lam, "a number >= 0"
+    )
+    if p.name is PersonalizationName.mrmtl:
+        _require(
+            cfg.strategy.proximal_mu == 0.0,
+            "strategy.proximal_mu",
+            cfg.strategy.proximal_mu,
+            "0 with personalization=mrmtl (its personalization.lam is the proximal term)",
+        )
+
+
+def personal_epochs(cfg: FedMedConfig) -> int:
+    """The training epochs a site adds, after the planned rounds, for its personal model."""
+    p = cfg.personalization
+    return p.epochs if p.name is PersonalizationName.finetune else 0
 
 
 # privacy.target_epsilon, checked before any site trains. Below 0.1, PRV calibration slows

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedmed.config.schema import ClippingMode, FedMedConfig
+from fedmed.config.schema import ClippingMode, FedMedConfig, personal_epochs
 from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
 from fedmed.privacy.budget import SitePolicy, dp_config
 from fedmed.train import TrainResult, TrainSettings, make_loader, train_local
@@ -83,20 +83,24 @@ def calibrated_noise(
 
 def run_noise_multiplier(cfg: FedMedConfig, policy: SitePolicy, num_records: int) -> float:
     """The noise a site uses for a new run: ``privacy.noise_multiplier``, or calibrated once
-    for the planned rounds x local epochs at the site's delta."""
+    for the planned rounds x local epochs, plus the epochs of its personal model
+    (``personalization=finetune``), at the site's delta: the whole plan reaches the target."""
     dp = dp_config(cfg)
     assert dp is not None, "only used with privacy=dp"
     if dp.noise_multiplier:
         return dp.noise_multiplier
     assert dp.target_epsilon is not None  # validate() demands one of the two
     settings = TrainSettings.from_config(cfg)
+    epochs, rounds = settings.epochs, cfg.federation.rounds
+    if personal_epochs(cfg):  # every step is one Poisson epoch's: count epochs, not rounds
+        epochs, rounds = 1, rounds * settings.epochs + personal_epochs(cfg)
     return calibrated_noise(
         dp.target_epsilon,
         policy.delta,
         num_records,
         settings.batch_size,
-        settings.epochs,
-        cfg.federation.rounds,
+        epochs,
+        rounds,
         policy.accountant,
     )
 
@@ -235,8 +239,10 @@ def train_private(
     dp: DpSgdSettings,
     plan: DPSteps,
     rng: torch.Generator | None = None,
+    anchor: list[torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place with DP-SGD for one round of ``plan.steps`` steps.
+    """Train ``model`` in place with DP-SGD for one round of ``plan.steps`` steps
+    (``anchor``: the proximal term's, see ``train_local``; it is data-independent).
 
     Read the weights from ``model`` itself afterwards: Opacus' wrapper shares its parameters
     but prefixes their names with ``_module.``. The wrapper's hooks and per-sample gradients
@@ -255,6 +261,7 @@ def train_private(
                 settings,
                 private.optimizer,
                 private=True,
+                anchor=anchor,
             )
     finally:
         private.optimizer.zero_grad(set_to_none=True)

@@ -9,13 +9,14 @@ import hashlib
 import logging
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from fedmed.config.schema import FedMedConfig, site_faults
+from fedmed.config.schema import FedMedConfig, PersonalizationName, site_faults
 from fedmed.data import load_site
 from fedmed.errors import SiteError
 from fedmed.metrics import EvalStats, held_out_counts
@@ -42,6 +43,7 @@ from fedmed.privacy.evaluation import (
     evaluation_steps,
     released_statistics,
 )
+from fedmed.privacy.ledger import LedgerEntry
 from fedmed.privacy.mechanisms import EVALUATION, EVALUATION_COUNTS
 from fedmed.protocol import EVALUATE_TASK, TASK_KEY, EvaluateReport, FitReport, PrivacyReport
 from fedmed.provenance import code_version, config_hash
@@ -49,6 +51,7 @@ from fedmed.secure.update_checks import update_problem
 from fedmed.site.gate import (
     SecureRound,
 )
+from fedmed.site.personal import PersonalStore, personal_folder
 from fedmed.site.policy import (
     SiteRuntime,
     check_noise,
@@ -57,6 +60,7 @@ from fedmed.site.policy import (
     site_setup,
 )
 from fedmed.train import (
+    TrainResult,
     TrainSettings,
     evaluate,
     get_weights,
@@ -68,6 +72,8 @@ from fedmed.train import (
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
+# What a fine-tuning entry of the ledger released: nothing (the model stays at the site).
+PERSONAL_RELEASE = "nothing: the personal model (personalization=finetune) stays at the site"
 # Seeded experiments: the evaluation noise draws from another stream than the round's DP-SGD.
 EVALUATION_SEED = 0x5EED_E7A1
 
@@ -118,6 +124,17 @@ def _collect_round_garbage() -> None:
     if not _imports_frozen:
         gc.freeze()
         _imports_frozen = True
+
+
+@dataclass(frozen=True)
+class _PrivateStep:
+    """One planned run of DP-SGD on the training split, and the budget's decision on it."""
+
+    account: PrivacyAccount
+    plan: DPSteps
+    decision: RoundDecision
+    report: PrivacyReport
+    run_hash: str
 
 
 class HospitalSite(NumPyClient):
@@ -171,17 +188,16 @@ class HospitalSite(NumPyClient):
             return self._evaluate_masked(parameters, server_round)
         if dp_config(self.cfg) is not None:
             return self._fit_private(parameters, server_round)
-        model = self._model_with(parameters)
+        model, anchor = self._starting_model(parameters)
         loader = make_loader(
             self.data.x_train,
             self.data.y_train,
             self.cfg.model.batch_size,
             round_seed(self.cfg.seed, server_round),
         )
-        result = train_local(
-            model, self.train_loss_fn, loader, TrainSettings.from_config(self.cfg)
-        )
+        result = train_local(model, self.train_loss_fn, loader, self._settings(), anchor=anchor)
         delta = self._delta(model, parameters, result.loss, server_round)
+        self._keep_personal(model)
         return self._release(delta, result.loss)
 
     def _delta(
@@ -229,6 +245,49 @@ class HospitalSite(NumPyClient):
         A round that would exceed the budget is declined: no training, an empty update with
         the reason, whatever the coordinator asked.
         """
+        settings = self._settings()
+        step = self._plan_private(settings.epochs)
+        if not step.decision.train:
+            log.warning("site %s declines round %d: %s", self.name, server_round,
+                        step.decision.reason)  # fmt: skip
+            declined = dataclasses.replace(step.report, steps=0, declined=step.decision.reason)
+            return [], 0, FitReport(self.name, 0, privacy=declined).to_metrics()
+        model, anchor = self._starting_model(parameters)
+        result = self._train_private(model, settings, step, server_round, anchor)
+        delta = self._delta(model, parameters, result.loss, server_round)
+        entry = self._record(step, server_round)
+        self._keep_personal(model)
+        return self._release(delta, None, dataclasses.replace(step.report, ledger_entry=entry.hash))
+
+    def _settings(self) -> TrainSettings:
+        """The round's training settings; MR-MTL's pull to the global model is its proximal
+        term."""
+        settings = TrainSettings.from_config(self.cfg)
+        if self.cfg.personalization.name is PersonalizationName.mrmtl:
+            return dataclasses.replace(settings, proximal_mu=self.cfg.personalization.lam)
+        return settings
+
+    def _starting_model(
+        self, parameters: list[np.ndarray]
+    ) -> tuple[torch.nn.Module, list[torch.Tensor] | None]:
+        """The model a round trains: the global one, or (MR-MTL) the site's own model of this
+        run, anchored to the global one."""
+        model = self._model_with(parameters)
+        if self.cfg.personalization.name is not PersonalizationName.mrmtl:
+            return model, None
+        anchor = [p.detach().clone() for p in model.parameters()]
+        self._personal_store().load_into(model)
+        return model, anchor
+
+    def _keep_personal(self, model: torch.nn.Module) -> None:
+        if self.cfg.personalization.name is PersonalizationName.mrmtl:
+            self._personal_store().save(model)
+
+    def _personal_store(self) -> PersonalStore:
+        return PersonalStore(personal_folder(self.setup.kit), self.runtime.run_id)
+
+    def _plan_private(self, epochs: int) -> _PrivateStep:
+        """The noise, the Poisson plan of ``epochs`` epochs and the budget's decision on it."""
         dp = dp_config(self.cfg)
         assert dp is not None
         policy = site_policy(self.setup.kit)
@@ -238,49 +297,61 @@ class HospitalSite(NumPyClient):
             check_noise(self.setup, self.cfg, run_noise_multiplier(self.cfg, policy, n))
         account = PrivacyAccount(policy)
         run_hash = config_hash(self.cfg)
-        settings = TrainSettings.from_config(self.cfg)
         sigma = account.noise_multiplier_of_run(
             self.runtime.run_id, run_hash
         ) or run_noise_multiplier(self.cfg, policy, n)
-        plan = poisson_plan(n, settings.batch_size, settings.epochs, sigma)
+        plan = poisson_plan(n, self.cfg.model.batch_size, epochs, sigma)
         decision = account.decide(plan, run_id=self.runtime.run_id)
         report = _privacy_report(policy, plan, decision)
-        if not decision.train:
-            log.warning("site %s declines round %d: %s", self.name, server_round, decision.reason)
-            declined = dataclasses.replace(report, steps=0, declined=decision.reason)
-            return [], 0, FitReport(self.name, 0, privacy=declined).to_metrics()
-        model = self._model_with(parameters)
+        return _PrivateStep(account, plan, decision, report, run_hash)
+
+    def _train_private(
+        self,
+        model: torch.nn.Module,
+        settings: TrainSettings,
+        step: _PrivateStep,
+        server_round: int,
+        anchor: list[torch.Tensor] | None = None,
+    ) -> TrainResult:
+        dp = dp_config(self.cfg)
+        assert dp is not None
         if self.cfg.audit.disable_noise and self.runtime.deployed:
             raise SiteError(self.name, "refuses audit.disable_noise: it is a simulation self-test")
         mechanism = DpSgdSettings(
-            sigma,
+            step.plan.noise_multiplier,
             dp.max_grad_norm,
             dp.clipping.value,
-            policy.accountant,
+            step.account.policy.accountant,
             audit_disable_noise=self.cfg.audit.disable_noise,
         )
-        result = train_private(
+        return train_private(
             model,
             self.train_loss_fn,
             self.data.x_train,
             self.data.y_train,
             settings,
             mechanism,
-            plan,
+            step.plan,
             rng=self._reproducible_rng(dp.noise_seed, server_round),
+            anchor=anchor,
         )
-        delta = self._delta(model, parameters, result.loss, server_round)
-        entry = account.record(
-            plan,
-            decision.epsilon,
+
+    def _record(
+        self, step: _PrivateStep, server_round: int, released: str | None = None
+    ) -> LedgerEntry:
+        dp = dp_config(self.cfg)
+        assert dp is not None
+        return step.account.record(
+            step.plan,
+            step.decision.epsilon,
             run_id=self.runtime.run_id,
             server_round=server_round,
-            dataset_size=n,
+            dataset_size=len(self.data.y_train),
             sensitivity=dp.max_grad_norm,
-            config_hash=run_hash,
+            config_hash=step.run_hash,
             code_version=code_version(),
+            released=released,
         )
-        return self._release(delta, None, dataclasses.replace(report, ledger_entry=entry.hash))
 
     @_site_errors
     def evaluate(
@@ -288,10 +359,12 @@ class HospitalSite(NumPyClient):
     ) -> tuple[float, int, dict[str, Any]]:
         """Evaluate the global model on this site's test split; only counts leave the site
         (under DP: noisy counts, within the site's budget, in its ledger first)."""
+        server_round = int(config.get("server_round", 0))
         stats, validation = self._held_out_stats(parameters)
+        personal = self._personalize(parameters, stats, server_round)
         if dp_config(self.cfg) is not None:
-            server_round = int(config.get("server_round", 0))
             report = self._evaluate_private(stats, validation, server_round)
+            report = dataclasses.replace(report, personal=personal)
             return 0.0, report.num_examples, report.to_metrics()
         loss = stats.loss if stats.loss is not None else 0.0
         report = EvaluateReport(self.name, stats, validation=validation)
@@ -307,6 +380,7 @@ class HospitalSite(NumPyClient):
         if self.secure is None or dp is None:
             raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
         stats, validation = self._held_out_stats(parameters)
+        personal = self._personalize(parameters, stats, server_round)
         report = self._evaluate_private(stats, validation, server_round)
         counts = report.noisy_counts
         if counts is None:  # declined: adds nothing to the sum
@@ -314,8 +388,66 @@ class HospitalSite(NumPyClient):
         vector = [counts / self.secure.max_weight]
         weight = int(self.secure.max_weight)
         self.secure.check_update(self.name, vector, weight)
-        masked = dataclasses.replace(report, noisy_counts=None)
+        masked = dataclasses.replace(report, noisy_counts=None, personal=personal)
         return vector, weight, masked.to_metrics()
+
+    def _personalize(
+        self, parameters: list[np.ndarray], global_stats: EvalStats, server_round: int
+    ) -> PrivacyReport | None:
+        """At the final evaluation: fine-tune (``finetune``) and write the site's own report
+        of the global and the personal model on its test split. Nothing of it is sent; under
+        DP a fine-tuning's accounting is returned, for the coordinator's privacy report."""
+        method = self.cfg.personalization.name
+        if method is PersonalizationName.none or server_round != self.cfg.federation.rounds:
+            return None
+        store = self._personal_store()
+        model = self._model_with(parameters)
+        notes, accounting = [], None
+        if method is PersonalizationName.finetune and not store.load_into(model):
+            note, accounting = self._finetune(model, store)
+            notes.append(note)
+        elif not store.load_into(model):
+            notes.append("this site has no personal model of this run (it trained no round)")
+        data, classes = self.data, self.data.num_classes
+        personal = evaluate(model, self.loss_fn, data.x_test, data.y_test, classes)
+        if dp_config(self.cfg) is not None:
+            notes.append(
+                "every training step of the personal model on this site's records was DP-SGD, "
+                "accounted in this site's ledger and lifetime budget; what left the site is "
+                "only what the global model's rounds released"
+            )
+        models = {"global": global_stats, "personal": personal}
+        path = store.write_report(self.name, method.value, server_round, models, notes)
+        log.info("site %s: personal model report %s", self.name, path)
+        return accounting
+
+    def _finetune(
+        self, model: torch.nn.Module, store: PersonalStore
+    ) -> tuple[str, PrivacyReport | None]:
+        """Train the final global model ``personalization.epochs`` epochs on this site's
+        records (DP-SGD within the budget under privacy=dp) and keep it; returns a note for
+        the site's report and, under DP, the accounting."""
+        epochs = self.cfg.personalization.epochs
+        settings = dataclasses.replace(TrainSettings.from_config(self.cfg), epochs=epochs)
+        fine_tune_round = self.cfg.federation.rounds
+        if dp_config(self.cfg) is None:
+            seed = round_seed(self.cfg.seed, fine_tune_round + 1)
+            loader = make_loader(self.data.x_train, self.data.y_train, settings.batch_size, seed)
+            train_local(model, self.train_loss_fn, loader, settings)
+            store.save(model)
+            return f"fine-tuned from the global model for {epochs} epoch(s)", None
+        step = self._plan_private(epochs)
+        if not step.decision.train:
+            log.warning("site %s declines fine-tuning: %s", self.name, step.decision.reason)
+            declined = dataclasses.replace(step.report, steps=0, declined=step.decision.reason)
+            store.save(model)  # the personal model is the global one
+            note = f"fine-tuning declined ({step.decision.reason}): personal model = global"
+            return note, declined
+        self._train_private(model, settings, step, fine_tune_round + 1)
+        entry = self._record(step, fine_tune_round, released=PERSONAL_RELEASE)
+        store.save(model)
+        note = f"fine-tuned with DP-SGD for {epochs} epoch(s); ledger entry {entry.hash}"
+        return note, dataclasses.replace(step.report, ledger_entry=entry.hash)
 
     def _held_out_stats(self, parameters: list[np.ndarray]) -> tuple[EvalStats, EvalStats | None]:
         """The global model's exact statistics on this site's test split and, when it has
