@@ -19,7 +19,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import mean_sd, quick_subset, run_cli, write_results
+from common import RESULTS, mean_sd, quick_subset, run_cli, write_results
 
 TASKS = {
     "heart": ["dataset=heart", "model=svm"],
@@ -85,6 +85,8 @@ def main() -> None:
     seeds = quick_subset(args.seeds, args.quick)
     extra = ["federation.rounds=2"] if args.quick else []
     results: dict[str, Any] = {"figure": FIGURE, "seeds": seeds}
+    if not args.quick and (RESULTS / "personalization.json").is_file():  # keep other tasks
+        results = {**json.loads((RESULTS / "personalization.json").read_text()), **results}
     with tempfile.TemporaryDirectory() as tmp:
         for task in args.only:
             for name, privacy in quick_subset(list(PRIVACY[task].items()), args.quick):

@@ -19,7 +19,12 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fedmed.config.schema import FedMedConfig, evaluation_rounds, sites_per_round
+from fedmed.config.schema import (
+    FedMedConfig,
+    evaluation_rounds,
+    personal_epochs,
+    sites_per_round,
+)
 from fedmed.data import load_site, num_sites, site_kit
 from fedmed.errors import FedMedError, SiteError
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
@@ -68,6 +73,9 @@ class SiteProjection:
     evaluation_epsilon_by_round: dict[int, float] = field(default_factory=dict)
     evaluation_declines_from_round: int | None = None
     evaluation_reason: str = ""
+    # personalization=finetune: the fine-tuning's DP-SGD after the last round
+    personal_epsilon: float | None = None
+    personal_reason: str = ""
 
 
 def _spent(ledger: Path, public_key: Path, mark_file: Path) -> list[LedgerEntry]:
@@ -159,6 +167,11 @@ def project_site(cfg: FedMedConfig, index: int, run_dir: Path, deployed: bool) -
             projection.declines_from_round = server_round
             projection.reason = decision.reason
         projection.epsilon_by_round.append(decision.epsilon)
+    if personal_epochs(cfg):
+        personal = poisson_plan(records, settings.batch_size, personal_epochs(cfg), sigma)
+        decision = decide(spent, personal, policy, this_run)
+        projection.personal_epsilon = decision.epsilon
+        projection.personal_reason = "" if decision.train else decision.reason
     _project_evaluations(projection, cfg, policy, evaluated)
     return projection
 
@@ -251,6 +264,11 @@ def format_projection(projections: list[SiteProjection], cfg: FedMedConfig) -> s
                 f"  {p.site}, evaluation {p.evaluation_declines_from_round}: "
                 f"{p.evaluation_reason}"
             )
+        if p.personal_epsilon is not None:
+            outcome = f"declined: {p.personal_reason}" if p.personal_reason else (
+                f"training epsilon {p.personal_epsilon:.4f} after it")
+            lines.append(f"  {p.site}, fine-tuning its personal model "
+                         f"({personal_epochs(cfg)} epoch(s)): {outcome}")  # fmt: skip
     sampled = sites_per_round(cfg.federation, len(projections))
     end = run_ends_at(projections, cfg)
     if end is None:

@@ -223,3 +223,16 @@ def test_personalization_keys_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"strategy\.proximal_mu"):
         compose_config([*HEART, "personalization=mrmtl", "strategy=fedprox",
                         "strategy.proximal_mu=0.1"])  # fmt: skip
+
+
+def test_the_dry_run_projects_the_personal_steps(tmp_path: Path) -> None:
+    from fedmed.audit.dry_run import project_site
+
+    planned = compose_config([*HEART, *DP, *FINETUNE])
+    over = compose_config([*HEART, *DP, *FINETUNE, *_budget_overrides()])
+    for index in range(4):
+        fits = project_site(planned, index, tmp_path / "planned", deployed=False)
+        assert fits.personal_reason == "" and 0.95 <= (fits.personal_epsilon or 0) <= 1.0
+        assert fits.epsilon_by_round[-1] < fits.personal_epsilon  # the rounds leave room
+        declines = project_site(over, index, tmp_path / "over", deployed=False)
+        assert declines.declines_from_round is None and declines.personal_reason
