@@ -49,6 +49,7 @@ class PersonalizationName(Enum):
     none = "none"
     finetune = "finetune"  # the final global model, trained further on the site's records
     mrmtl = "mrmtl"  # mean-regularised multi-task learning (Liu et al. 2022)
+    fedper = "fedper"  # a shared body, a head each site keeps (Arivazhagan et al. 2019)
 
 
 class StrategyName(Enum):
@@ -192,11 +193,14 @@ class PersonalizationConfig:
     epochs on its records. ``mrmtl``: the site keeps its own model across rounds, trained
     with ``lam`` / 2 x ||w - global||^2 pulling it to the global mean, and shares it (as
     its update) in place of a fresh copy of the global model: no extra training steps.
+    ``fedper``: the layers named by ``local_layers`` (state_dict key prefixes; null: the
+    model's last layer, its head) stay at the site; only the rest is shared.
     """
 
     name: PersonalizationName = PersonalizationName.none
     epochs: int = 1
     lam: float = 0.1
+    local_layers: list[str] | None = None
 
 
 @dataclass
@@ -549,6 +553,15 @@ def _validate_personalization(cfg: FedMedConfig) -> None:
     _require(
         p.lam >= 0.0 and math.isfinite(p.lam), "personalization.lam", p.lam, "a number >= 0"
     )
+    if p.name is PersonalizationName.fedper:
+        _require(
+            cfg.model.name not in (ModelName.svm, ModelName.logreg),
+            "personalization",
+            p.name.value,
+            "a model with a body and a head (cnn, dpcnn, scatter) for fedper: svm and logreg "
+            "are one layer, whose FedPer is local-only training (personalization=mrmtl "
+            "personalization.lam=0)",
+        )
     if p.name is PersonalizationName.mrmtl:
         _require(
             cfg.strategy.proximal_mu == 0.0,

@@ -51,7 +51,7 @@ from fedmed.secure.update_checks import update_problem
 from fedmed.site.gate import (
     SecureRound,
 )
-from fedmed.site.personal import PersonalStore, personal_folder
+from fedmed.site.personal import PersonalStore, local_keys, personal_folder
 from fedmed.site.policy import (
     SiteRuntime,
     check_noise,
@@ -217,6 +217,11 @@ class HospitalSite(NumPyClient):
             raise SiteError(self.name, f"update not sent: {problem}")
         if self.secure is not None:
             self.secure.check_update(self.name, delta, len(self.data.y_train))
+        if self.cfg.personalization.name is PersonalizationName.fedper:  # the head stays here
+            local = self._local_keys(model)
+            keys = list(model.state_dict())
+            pairs = zip(keys, delta, strict=True)
+            delta = [np.zeros_like(d) if key in local else d for key, d in pairs]
         return delta
 
     def _inject_divergence(self, model: Any, server_round: int) -> None:
@@ -273,14 +278,30 @@ class HospitalSite(NumPyClient):
         """The model a round trains: the global one, or (MR-MTL) the site's own model of this
         run, anchored to the global one."""
         model = self._model_with(parameters)
-        if self.cfg.personalization.name is not PersonalizationName.mrmtl:
+        method = self.cfg.personalization.name
+        if method is PersonalizationName.fedper:
+            self._with_local_layers(model)
+        if method is not PersonalizationName.mrmtl:
             return model, None
         anchor = [p.detach().clone() for p in model.parameters()]
         self._personal_store().load_into(model)
         return model, anchor
 
+    def _with_local_layers(self, model: torch.nn.Module) -> None:
+        """FedPer: this site's own layers of this run (once it has them) over the global ones."""
+        personal = self._model_with(get_weights(model))
+        if not self._personal_store().load_into(personal):
+            return
+        state = model.state_dict()
+        own = personal.state_dict()
+        state.update({key: own[key] for key in self._local_keys(model)})
+        model.load_state_dict(state)
+
+    def _local_keys(self, model: torch.nn.Module) -> set[str]:
+        return local_keys(model, self.cfg.personalization.local_layers)
+
     def _keep_personal(self, model: torch.nn.Module) -> None:
-        if self.cfg.personalization.name is PersonalizationName.mrmtl:
+        if self.cfg.personalization.name in (PersonalizationName.mrmtl, PersonalizationName.fedper):
             self._personal_store().save(model)
 
     def _personal_store(self) -> PersonalStore:
@@ -403,20 +424,25 @@ class HospitalSite(NumPyClient):
         store = self._personal_store()
         model = self._model_with(parameters)
         notes, accounting = [], None
-        if method is PersonalizationName.finetune and not store.load_into(model):
-            note, accounting = self._finetune(model, store)
-            notes.append(note)
-        elif not store.load_into(model):
-            notes.append("this site has no personal model of this run (it trained no round)")
         data, classes = self.data, self.data.num_classes
-        personal = evaluate(model, self.loss_fn, data.x_test, data.y_test, classes)
+        if method is PersonalizationName.fedper:  # evaluated already: global body, own head
+            models = {"personal": global_stats}  # (its global head is never trained)
+            notes.append("FedPer: the body is shared, the head (personalization.local_layers) "
+                         "was trained only here and never sent")  # fmt: skip
+        else:
+            if method is PersonalizationName.finetune and not store.load_into(model):
+                note, accounting = self._finetune(model, store)
+                notes.append(note)
+            elif not store.load_into(model):
+                notes.append("this site has no personal model of this run (it trained no round)")
+            personal = evaluate(model, self.loss_fn, data.x_test, data.y_test, classes)
+            models = {"global": global_stats, "personal": personal}
         if dp_config(self.cfg) is not None:
             notes.append(
                 "every training step of the personal model on this site's records was DP-SGD, "
                 "accounted in this site's ledger and lifetime budget; what left the site is "
                 "only what the global model's rounds released"
             )
-        models = {"global": global_stats, "personal": personal}
         path = store.write_report(self.name, method.value, server_round, models, notes)
         log.info("site %s: personal model report %s", self.name, path)
         return accounting
@@ -451,8 +477,11 @@ class HospitalSite(NumPyClient):
 
     def _held_out_stats(self, parameters: list[np.ndarray]) -> tuple[EvalStats, EvalStats | None]:
         """The global model's exact statistics on this site's test split and, when it has
-        one, its validation split (never sent as they are under DP)."""
+        one, its validation split (never sent as they are under DP). FedPer has no global
+        model: the site's own head on the global body is what it evaluates."""
         model = self._model_with(parameters)
+        if self.cfg.personalization.name is PersonalizationName.fedper:
+            self._with_local_layers(model)
         data, classes = self.data, self.data.num_classes
         test = evaluate(model, self.loss_fn, data.x_test, data.y_test, classes)
         if data.x_val is None or data.y_val is None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fedmed.errors import SiteError
+from fedmed.errors import ConfigError, SiteError
 from fedmed.kits.site import SiteKit
 from fedmed.metrics import EvalStats
 
@@ -39,6 +39,23 @@ def personal_folder(kit: SiteKit) -> Path:
             "kept beside the ledger",
         )
     return Path(kit.privacy.ledger).parent / f"{kit.name}{PERSONAL_SUFFIX}"
+
+
+def local_keys(model: nn.Module, prefixes: list[str] | None) -> set[str]:
+    """The state_dict keys FedPer keeps at the site: those of the layers ``prefixes`` name,
+    or (None) those of the model's last layer with weights, its head."""
+    keys = list(model.state_dict())
+    if prefixes is None:
+        layers = [name for name, m in model.named_modules() if list(m.parameters(False))]
+        prefixes = [layers[-1]]
+    chosen = {k for k in keys for p in prefixes if k == p or k.startswith(p.rstrip(".") + ".")}
+    if not chosen or len(chosen) == len(keys):
+        raise ConfigError(
+            "personalization.local_layers",
+            prefixes,
+            f"layers covering some, not all, of the model's weights: {', '.join(keys)}",
+        )
+    return chosen
 
 
 def _replace(path: Path, write: Any) -> None:

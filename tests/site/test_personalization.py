@@ -41,6 +41,8 @@ SITES = ("cleveland", "hungary", "switzerland", "va")
 HEART = ["dataset=heart", "model=svm", "federation.rounds=2"]
 FINETUNE = ["personalization=finetune", "personalization.epochs=2"]
 DP = ["privacy=dp", "privacy.noise_seed=0"]
+FEDPER = ["dataset=pneumonia", "model=scatter", "federation.num_sites=4",
+          "federation.rounds=2", "personalization=fedper"]  # fmt: skip
 SIGMA = 1.0  # the budget run's fixed noise
 OVER_BUDGET_EPOCHS = 10  # fine-tuning epochs no site's budget in that run covers
 
@@ -69,6 +71,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, list
         "mrmtl": [*HEART, "federation.rounds=3", "personalization=mrmtl",
                   "personalization.lam=0.5"],
         "finetune-over-budget": [*HEART, *DP, *FINETUNE, *_budget_overrides()],
+        "fedper": FEDPER,
     }  # fmt: skip
     out = {}
     with pytest.MonkeyPatch.context() as monkeypatch:
@@ -176,6 +179,51 @@ def test_a_site_whose_budget_covers_only_the_shared_rounds_declines_the_personal
         assert any("fine-tuning declined" in note for note in report["notes"])
         assert report["models"]["personal"] == report["models"]["global"]
         assert summary["sites"][site]["privacy"]["epsilon"] == pytest.approx(train[-1]["epsilon"])
+
+
+def test_fedper_keeps_each_sites_head_and_shares_only_the_body(
+    runs: dict[str, tuple[Path, list[Reply]]],
+):
+    run_dir, replies = runs["fedper"]
+    cfg = compose_config(FEDPER)
+    schema = load_site(cfg, 0).schema
+    initial = build_model(cfg.model.name, schema, cfg.seed).state_dict()
+    keys = list(initial)
+    assert keys[-2:] == ["classifier.weight", "classifier.bias"]  # the head local_keys picks
+    updates = 0
+    for _, content in replies:
+        if "fitres.parameters" in content.array_records and len(content["fitres.parameters"]):
+            fit = recorddict_to_fitres(content, keep_input=True)
+            delta = [np.load(io.BytesIO(t)) for t in fit.parameters.tensors]
+            assert not delta[-1].any() and not delta[-2].any()  # nothing of the head
+            assert delta[0].any()  # the body trained and travelled
+            updates += 1
+    assert updates == 4 * 2
+    final = torch.load(run_dir / GLOBAL_MODEL_FILE)
+    assert torch.equal(final["classifier.weight"], initial["classifier.weight"])
+    heads = []
+    for index in range(4):
+        site = load_site(cfg, index).name
+        personal = torch.load(_personal(run_dir, site) / MODEL_FILE)
+        heads.append(personal["classifier.weight"])
+        report = json.loads((_personal(run_dir, site) / REPORT_JSON).read_text())
+        assert list(report["models"]) == ["personal"]
+    assert not any(torch.equal(h, initial["classifier.weight"]) for h in heads)
+    assert not torch.equal(heads[0], heads[1])  # each site's own
+
+
+def test_fedper_local_layers_name_some_but_not_all_weights() -> None:
+    from fedmed.site.personal import local_keys
+
+    cnn = build_model(ModelName.cnn, DataSchema((1, 28, 28), 2), 0)
+    assert local_keys(cnn, None) == {"classifier.3.weight", "classifier.3.bias"}
+    assert local_keys(cnn, ["classifier"]) == {f"classifier.{i}.{w}" for i in (1, 3)
+                                               for w in ("weight", "bias")}  # fmt: skip
+    for bad in (["features", "classifier"], ["head"]):
+        with pytest.raises(ConfigError, match=r"personalization\.local_layers"):
+            local_keys(cnn, bad)
+    with pytest.raises(ConfigError, match="fedper"):
+        compose_config([*HEART, "personalization=fedper"])
 
 
 class _NoDataLoss(torch.nn.Module):
