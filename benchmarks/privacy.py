@@ -14,6 +14,7 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -80,23 +81,26 @@ def pneumonia(seeds: list[int], extra: list[str], workdir: Path, quick: bool) ->
     }
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One task's utility-vs-epsilon multirun."""
+
+    overrides: list[str]
+    after_epsilon: list[str]  # composed after +epsilon (a recipe needs privacy=dp first)
+    reference_levels: list[str]  # levels beyond the DP ones
+    title: str
+    plot: str
+
+
 SWEEPS = {
-    # task: (multirun overrides, levels beyond the DP ones, the plot's title and file)
-    "heart": (
-        ["dataset=heart", "model=svm"],
-        ["none"],
-        "heart disease, svm, 4 hospitals",
-        "utility_vs_epsilon.png",
-    ),
+    "heart": Sweep(["dataset=heart", "model=svm"], [], ["none"],
+                   "heart disease, svm, 4 hospitals", "utility_vs_epsilon.png"),
     # the recipe's DP-only keys would be unknown keys under privacy=none: the non-private
     # reference is the pneumonia benchmark's non_private_scatter row instead
-    "pneumonia": (
-        [*SCATTER, "+recipe=dp_image", "privacy.delta=1e-4"],
-        [],
-        "pneumonia, scatter + dp_image recipe, 4 sites",
-        "utility_vs_epsilon_pneumonia.png",
-    ),
-}
+    "pneumonia": Sweep(SCATTER, ["+recipe=dp_image", "privacy.delta=1e-4"], [],
+                       "pneumonia, scatter + dp_image recipe, 4 sites",
+                       "utility_vs_epsilon_pneumonia.png"),
+}  # fmt: skip
 
 
 def sweep(
@@ -105,9 +109,10 @@ def sweep(
     """One ``--multirun`` over epsilon (and seeds) for ``task``."""
     sweep_dir = workdir / f"sweep-{task}"
     seed_list = ",".join(str(s) for s in seeds)
-    task_overrides, reference, _, _ = SWEEPS[task]
-    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), *reference])
-    args = ["--multirun", *task_overrides, f"+epsilon={levels}", f"seed={seed_list}", *extra]
+    plan = SWEEPS[task]
+    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), *plan.reference_levels])
+    args = ["--multirun", *plan.overrides, f"+epsilon={levels}", *plan.after_epsilon,
+            f"seed={seed_list}", *extra]  # fmt: skip
     run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
     by_level: dict[str, dict[str, list[Any]]] = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
@@ -240,25 +245,32 @@ def main() -> None:
     seeds = [0] if args.quick else args.seeds
     extra = ["federation.rounds=2"] if args.quick else []
     results: dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
+
+    def save() -> None:  # after every part: a later part's failure loses nothing measured
+        if not args.quick:
+            args.out.write_text(json.dumps(results, indent=2) + "\n")
+
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if "heart" in args.only:
             results["heart_eps1"] = {"seeds": seeds, **heart(seeds, extra, workdir, args.quick)}
+            save()
         if "pneumonia" in args.only:
             results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir, args.quick)}
+            save()
         if "sweep" in args.only:
             sweeps: dict[str, Any] = {}
             results["utility_vs_epsilon"] = sweeps
             for task in quick_subset(list(SWEEPS), args.quick):
                 sweeps[task] = {"seeds": seeds, **sweep(task, seeds, extra, workdir, args.quick)}
+                save()
                 reference = results.get("pneumonia", {}).get("non_private_scatter")
                 plot = workdir if args.quick else RESULTS  # a quick run draws, keeps nothing
-                _, _, title, name = SWEEPS[task]
-                plot_sweep(sweeps[task]["levels"], title, plot / name, reference)
+                plan = SWEEPS[task]
+                plot_sweep(sweeps[task]["levels"], plan.title, plot / plan.plot, reference)
         if "epoch" in args.only:
             results["epoch_time"] = epoch_times(1 if args.quick else 5, args.quick)
-    if not args.quick:
-        args.out.write_text(json.dumps(results, indent=2) + "\n")
+            save()
 
 
 if __name__ == "__main__":

@@ -325,12 +325,12 @@ class RunRecorder:
         elif report.privacy.ledger_entry is not None:
             self.receipts.record(server_round, report.site, report.privacy)
         personal = report.personal
-        if personal is not None:  # the site's DP fine-tuning for its personal model
+        if personal is not None and personal.declined is not None:  # its epsilon is as it was
+            log.info(f"round {server_round:>3} | {report.site} declined fine-tuning: "
+                     f"{personal.declined}")  # fmt: skip
+        elif personal is not None:  # the site's DP fine-tuning for its personal model
             self.privacy.record(server_round, FitReport(report.site, 0, privacy=personal))
-            if personal.declined is not None:
-                log.info(f"round {server_round:>3} | {report.site} declined fine-tuning: "
-                         f"{personal.declined}")  # fmt: skip
-            elif personal.ledger_entry is not None:
+            if personal.ledger_entry is not None:
                 self.receipts.record(server_round, report.site, personal)
 
     def _site_rows(self, server_round: int, per_site: dict[str, EvalStats]) -> None:

@@ -178,7 +178,9 @@ def test_a_site_whose_budget_covers_only_the_shared_rounds_declines_the_personal
         report = json.loads((_personal(run_dir, site) / REPORT_JSON).read_text())
         assert any("fine-tuning declined" in note for note in report["notes"])
         assert report["models"]["personal"] == report["models"]["global"]
-        assert summary["sites"][site]["privacy"]["epsilon"] == pytest.approx(train[-1]["epsilon"])
+        privacy = summary["sites"][site]["privacy"]
+        assert privacy["epsilon"] == pytest.approx(train[-1]["epsilon"])
+        assert privacy["declined_rounds"] == []  # it trained every shared round
 
 
 def test_fedper_keeps_each_sites_head_and_shares_only_the_body(
