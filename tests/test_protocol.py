@@ -25,7 +25,9 @@ from fedmed.protocol import (
     FitReport,
     PrivacyReport,
     RecordError,
+    Release,
     Stage,
+    declared,
 )
 from fedmed.runs.compose import compose_config
 
@@ -90,6 +92,23 @@ def test_an_evaluate_report_reads_back_its_counts() -> None:
     assert back.stats.hist_pos is not None and back.stats.hist_pos.tolist() == [0, 1, 2, 3]
     with pytest.raises(RecordError, match="evaluate report: unreadable counts"):
         EvaluateReport.from_metrics({"site": "va", "num_examples": 50})
+
+
+def test_a_fine_tuning_s_accounting_travels_prefixed_beside_a_private_evaluation() -> None:
+    personal = dataclasses.replace(ACCOUNTING, steps=30, ledger_entry="b" * 64)
+    report = EvaluateReport(
+        "va", num_examples=50, noisy_counts=np.array([1.5, 2.5]),
+        privacy=dataclasses.replace(ACCOUNTING, ledger_entry="c" * 64), personal=personal,
+    )  # fmt: skip
+    sent = report.to_metrics()
+    assert sent["personal_steps"] == 30 and sent["personal_ledger_entry"] == "b" * 64
+    assert sent["steps"] == 15  # the evaluation's own accounting is untouched
+    assert all(declared("evaluateres.metrics", key) is Release.PUBLIC
+               for key in sent if key.startswith("personal_"))  # fmt: skip
+    back = EvaluateReport.from_metrics(_over_the_wire(sent))
+    assert back.personal == personal and back.privacy == report.privacy
+    without = {k: v for k, v in sent.items() if not k.startswith("personal_")}
+    assert EvaluateReport.from_metrics(_over_the_wire(without)).personal is None
 
 
 @pytest.mark.parametrize(

@@ -265,6 +265,19 @@ def test_mrmtl_pulls_each_site_to_the_global_mean_by_hand(private: bool) -> None
     assert all(np.allclose(u, 0.0, atol=1e-6) for u in mean_update)
 
 
+def test_a_personal_model_never_crosses_runs(tmp_path: Path) -> None:
+    from fedmed.site.personal import PersonalStore
+
+    schema = DataSchema((3,), 2)
+    trained = build_model(ModelName.logreg, schema, 1)
+    PersonalStore(tmp_path, "run-1").save(trained)
+    fresh = build_model(ModelName.logreg, schema, 0)
+    assert not PersonalStore(tmp_path, "run-2").load_into(fresh)  # another run: the global
+    assert not torch.equal(fresh.linear.weight, trained.linear.weight)
+    assert PersonalStore(tmp_path, "run-1").load_into(fresh)
+    assert torch.equal(fresh.linear.weight, trained.linear.weight)
+
+
 def test_personalization_keys_are_checked() -> None:
     with pytest.raises(ConfigError, match=r"personalization\.epochs"):
         compose_config([*HEART, "personalization=finetune", "personalization.epochs=0"])
