@@ -86,18 +86,23 @@ class Sweep:
     """One task's utility-vs-epsilon multirun."""
 
     overrides: list[str]
-    after_epsilon: list[str]  # composed after +epsilon (a recipe needs privacy=dp first)
+    key: str  # the swept key: +epsilon (its presets), or privacy.target_epsilon
     reference_levels: list[str]  # levels beyond the DP ones
     title: str
     plot: str
 
+    def value(self, level: str) -> str:
+        return level if self.key == "+epsilon" else f"{SWEEP_EPSILON[level]:g}"
+
 
 SWEEPS = {
-    "heart": Sweep(["dataset=heart", "model=svm"], [], ["none"],
+    "heart": Sweep(["dataset=heart", "model=svm"], "+epsilon", ["none"],
                    "heart disease, svm, 4 hospitals", "utility_vs_epsilon.png"),
-    # the recipe's DP-only keys would be unknown keys under privacy=none: the non-private
-    # reference is the pneumonia benchmark's non_private_scatter row instead
-    "pneumonia": Sweep(SCATTER, ["+recipe=dp_image", "privacy.delta=1e-4"], [],
+    # the recipe needs privacy=dp when it is composed (a multirun composes the swept key
+    # last), so the sweep is over the target; the non-private reference is the pneumonia
+    # benchmark's non_private_scatter row
+    "pneumonia": Sweep([*SCATTER, "privacy=dp", "+recipe=dp_image", "privacy.delta=1e-4"],
+                       "privacy.target_epsilon", [],
                        "pneumonia, scatter + dp_image recipe, 4 sites",
                        "utility_vs_epsilon_pneumonia.png"),
 }  # fmt: skip
@@ -110,14 +115,14 @@ def sweep(
     sweep_dir = workdir / f"sweep-{task}"
     seed_list = ",".join(str(s) for s in seeds)
     plan = SWEEPS[task]
-    levels = ",".join([*quick_subset(list(SWEEP_EPSILON), quick), *plan.reference_levels])
-    args = ["--multirun", *plan.overrides, f"+epsilon={levels}", *plan.after_epsilon,
-            f"seed={seed_list}", *extra]  # fmt: skip
+    chosen = [*quick_subset(list(SWEEP_EPSILON), quick), *plan.reference_levels]
+    levels = ",".join(plan.value(level) for level in chosen)
+    args = ["--multirun", *plan.overrides, f"{plan.key}={levels}", f"seed={seed_list}", *extra]
     run_cli("simulate", [*args, f"hydra.sweep.dir={sweep_dir}"])
     by_level: dict[str, dict[str, list[Any]]] = {}
     for summary_path in sorted(sweep_dir.glob("*/summary.json")):
         overrides = (summary_path.parent / ".hydra" / "overrides.yaml").read_text()
-        level = next(lv for lv in [*SWEEP_EPSILON, "none"] if f"+epsilon={lv}\n" in overrides)
+        level = next(lv for lv in chosen if f"{plan.key}={plan.value(lv)}\n" in overrides)
         summary = with_exact_evaluation(summary_path.parent)
         cell = by_level.setdefault(level, {f: [] for f in [*FIGURES, "max_site_epsilon"]})
         for figure in FIGURES:
@@ -239,6 +244,8 @@ def main() -> None:
         "--only", nargs="+", default=["heart", "pneumonia", "sweep", "epoch"],
         choices=["heart", "pneumonia", "sweep", "epoch"],
     )  # fmt: skip
+    parser.add_argument("--sweeps", nargs="+", choices=["heart", "pneumonia"],
+                        default=["heart", "pneumonia"], help="the tasks --only sweep runs")
     parser.add_argument("--quick", action="store_true", help="2 rounds, 1 seed, first cases")
     parser.add_argument("--out", type=Path, default=RESULTS / "privacy.json")
     args = parser.parse_args()
@@ -259,9 +266,8 @@ def main() -> None:
             results["pneumonia"] = {"seeds": seeds, **pneumonia(seeds, extra, workdir, args.quick)}
             save()
         if "sweep" in args.only:
-            sweeps: dict[str, Any] = {}
-            results["utility_vs_epsilon"] = sweeps
-            for task in quick_subset(list(SWEEPS), args.quick):
+            sweeps: dict[str, Any] = results.setdefault("utility_vs_epsilon", {})
+            for task in quick_subset(args.sweeps, args.quick):
                 sweeps[task] = {"seeds": seeds, **sweep(task, seeds, extra, workdir, args.quick)}
                 save()
                 reference = results.get("pneumonia", {}).get("non_private_scatter")
