@@ -40,6 +40,7 @@ FULL_RUNS: list[tuple[str, str, list[str]]] = [
     ),
     ("imbalance", "imbalance.py", ["--seeds", "0", "1", "2", "3", "4"]),
     ("personalization", "personalization.py", ["--seeds", "0", "1", "2", "3", "4"]),
+    ("explain", "explain.py", ["--seeds", "0", "1", "2", "3", "4"]),
     ("overhead", "overhead.py", []),
     ("scale", "scale.py", []),
     ("memory", "memory.py", []),

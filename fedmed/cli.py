@@ -24,7 +24,10 @@ commands:
   audit      verify ledgers, write the privacy statement, run an empirical audit (fedmed audit -h)
   certs      consortium CA, coordinator TLS certificate, site keys (fedmed certs -h)
   server     start the coordinator's SuperLink, or submit a run to it (fedmed server -h)
-  site       start a hospital's SuperNode from its kit (fedmed site start sites/NAME.yaml)
+  site       start a hospital's SuperNode from its kit (fedmed site start sites/NAME.yaml),
+             or explain a model on its own records (fedmed site explain KIT --model FILE)
+  explain    explain a run's global model (the coordinator's view), and each simulated
+             site's on its own records into RUN/sites/NAME/ (fedmed explain RUN)
 
 Overrides follow Hydra: key=value, group=option, --multirun with comma-separated sweeps,
 hydra.run.dir=DIR for the output folder. Config files: the conf/ tree installed with
@@ -177,6 +180,12 @@ def _site() -> Callable[[list[str]], int]:
     return site_main
 
 
+def _explain() -> Callable[[list[str]], int]:
+    from fedmed.explain.commands import explain_main
+
+    return explain_main
+
+
 def _audit() -> Callable[[list[str]], int]:
     from fedmed.audit.commands import audit_main
 
@@ -189,6 +198,7 @@ OWN_ARGS_COMMANDS: dict[str, Callable[[], Callable[[list[str]], int]]] = {
     "server": _server,
     "site": _site,
     "audit": _audit,
+    "explain": _explain,
 }
 
 

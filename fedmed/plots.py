@@ -111,3 +111,54 @@ def panels(
         fig.savefig(target, dpi=dpi, format="png")
     finally:
         _close(fig)
+
+
+@contextmanager
+def image_grid(
+    target: Path | IO[bytes],
+    rows: int,
+    columns: int,
+    *,
+    title: str | None = None,
+    cell: float = 1.6,
+    dpi: int = 110,
+) -> Iterator[list[list[Axes]]]:
+    """Yield a ``rows`` x ``columns`` grid of axes for images (no ticks, no frame), then save
+    it as one PNG. Cells left empty are hidden."""
+    height = cell * rows + (0.5 if title else 0.1)
+    fig, flat = _new_figure(rows, columns, figsize=(cell * columns + 0.6, height), dpi=dpi)
+    grid = [flat[r * columns : (r + 1) * columns] for r in range(rows)]
+    try:
+        yield grid
+        for ax in flat:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if not ax.has_data():
+                ax.set_visible(False)
+        if title is not None:
+            fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        fig.savefig(target, dpi=dpi, format="png")
+    finally:
+        _close(fig)
+
+
+def ranked_bars(
+    names: Sequence[str], values: Sequence[float], *, title: str, xlabel: str, signed: bool
+) -> bytes:
+    """Horizontal bars, the first name on top, as PNG bytes; ``signed``: red bars raise the
+    score, blue ones lower it."""
+    import io
+
+    buffer = io.BytesIO()
+    names, values = list(names)[::-1], list(values)[::-1]
+    with chart(buffer, xlabel=xlabel, ylabel="", title=title, figsize=(6.4, 1.2 + 0.3 * len(names)),
+               legend={"loc": "lower right", "fontsize": 7}) as ax:  # fmt: skip
+        if signed:
+            for color, label, up in (("C3", "raises the score", True), ("C0", "lowers it", False)):
+                shown = [v if (v > 0) == up else 0.0 for v in values]
+                ax.barh(names, shown, color=color, label=label)
+            ax.axvline(0, color="black", lw=0.8)
+        else:
+            ax.barh(names, values, color="C0", label="feature")
+    return buffer.getvalue()

@@ -11,7 +11,6 @@ self-contained HTML file (plot embedded), rendered from the same Markdown.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 from dataclasses import dataclass, field
@@ -30,20 +29,13 @@ from fedmed.audit.verify import (
 )
 from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
+from fedmed.pages import md_table, png_data_uri, to_html
 from fedmed.plots import panels
 from fedmed.privacy.evaluation import SENSITIVITY
 from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, SPLITS, TRAIN
 
 STATEMENT = "privacy_statement"
 PLOT = f"{STATEMENT}_epsilon.png"
-HTML_STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222;
-       line-height: 1.45; padding: 0 1rem; }
-table { border-collapse: collapse; margin: 0.5rem 0 1rem; font-size: 0.9rem; }
-th, td { border: 1px solid #bbb; padding: 0.25rem 0.5rem; text-align: right; }
-th { background: #eee; } td:first-child, th:first-child { text-align: left; }
-img { max-width: 100%; } code { background: #f3f3f3; padding: 0 0.2rem; }
-"""
 
 
 @dataclass
@@ -96,12 +88,6 @@ def find_sources(
         receipts_keys,
         every_site,
     )
-
-
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def epsilon_plot_png(audits: list[LedgerAudit]) -> bytes:
@@ -270,7 +256,7 @@ def _run_sections(audits: list[LedgerAudit], books: list[ReceiptsAudit]) -> list
             "No receipts of the coordinator were given, so this run's entries cannot be told "
             "from the sites' other runs: give the run folder (its `receipts.jsonl`) or "
             "`--receipts`.",
-            _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in every]),
+            md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in every]),
         ]
     split = split_by_run(audits, books)
     count = sum(len(b.receipts) for b in books)
@@ -279,13 +265,13 @@ def _run_sections(audits: list[LedgerAudit], books: list[ReceiptsAudit]) -> list
         f"The coordinator holds {count} signed receipt(s) of updates it received "
         f"({', '.join(f'`{b.path}`' for b in books)}); each names the ledger entry its site "
         f"recorded first. {len(split.this_run)} of them were found in the sites' ledgers.",
-        _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.this_run]),
+        md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.this_run]),
     ]
     if split.unreceipted:
         parts += [
             "Recorded by the site in this run without a receipt (the update never reached "
             "the coordinator, e.g. a dropout; the spend counts all the same):",
-            _md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.unreceipted]),
+            md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.unreceipted]),
         ]
     parts += [
         "## Lifetime context (the sites' entries of other runs)",
@@ -295,7 +281,7 @@ def _run_sections(audits: list[LedgerAudit], books: list[ReceiptsAudit]) -> list
         else "None: the ledgers hold only this run.",
     ]
     if split.lifetime:
-        parts.append(_md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.lifetime]))
+        parts.append(md_table(ENTRY_HEADER, [_entry_row(site, e) for site, e in split.lifetime]))
     return parts
 
 
@@ -356,7 +342,7 @@ def statement_markdown(
         "recorded epsilon outside its window, above or below, is flagged "
         f"({WINDOWS['prv']}; {WINDOWS['rdp']}).",
         "## Budget and delta per site and split (lifetime)",
-        _md_table(
+        md_table(
             [
                 "site",
                 "split",
@@ -379,7 +365,7 @@ def statement_markdown(
         "## What the coordinator could see",
         _threat_model(summary),
         "## Provenance",
-        _md_table(
+        md_table(
             ["config hash", "code version", "entries"],
             [[f"`{h[:16]}`", v, str(n)] for (h, v), n in _provenance(entries).items()],
         ),
@@ -420,18 +406,6 @@ def _provenance(entries: list[tuple[str, EntryCheck]]) -> dict[tuple[str, str], 
     return counts
 
 
-def to_html(markdown_text: str) -> str:
-    """One self-contained page: the Markdown rendered, styles inline, no external requests."""
-    import markdown
-
-    body = markdown.markdown(markdown_text, extensions=["tables"])
-    return (
-        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>Privacy statement</title><style>{HTML_STYLE}</style></head>"
-        f"<body>\n{body}\n</body></html>\n"
-    )
-
-
 def write_report(sources: ReportSources) -> tuple[Path, Path, bool]:
     """Write ``privacy_statement.md`` (+ plot) and ``.html``; returns the paths and verdict."""
     audits = verify_all(sources.ledgers, sources.public_keys)
@@ -445,8 +419,8 @@ def write_report(sources: ReportSources) -> tuple[Path, Path, bool]:
     md_path = out / f"{STATEMENT}.md"
     auditor_keys = bool(sources.public_keys)
     md_path.write_text(statement_markdown(audits, sources.summary, PLOT, books, auditor_keys))
-    data_uri = "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+    data_uri = png_data_uri(png)
     html_path = out / f"{STATEMENT}.html"
     html = statement_markdown(audits, sources.summary, data_uri, books, auditor_keys)
-    html_path.write_text(to_html(html))
+    html_path.write_text(to_html(html, "Privacy statement"))
     return md_path, html_path, all(a.ok for a in audits) and all(b.ok for b in books)

@@ -27,8 +27,9 @@ from fedmed.coordinator.recorder import RunRecorder
 from fedmed.coordinator.secagg import RecordedSecAggPlusWorkflow
 from fedmed.coordinator.secure_evaluation import SecureEvaluationWorkflow
 from fedmed.coordinator.strategies import build_strategy
-from fedmed.data import data_schema, num_sites, site_names
+from fedmed.data import data_schema, model_columns, num_sites, site_names
 from fedmed.models import build_model
+from fedmed.models.card import ModelCard, write_card
 from fedmed.privacy.budget import dp_config
 from fedmed.secure.params import resolve_secagg
 from fedmed.train import get_weights, set_weights
@@ -128,8 +129,23 @@ def run_coordinator(
         set_weights(model, strategy.global_weights)
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), output_dir / GLOBAL_MODEL_FILE)
+        write_card(model_card(cfg, simulated=registry is None), output_dir / GLOBAL_MODEL_FILE)
         summary = recorder.write()
     return summary
+
+
+def model_card(cfg: FedMedConfig, simulated: bool) -> ModelCard:
+    """What the saved global model is (fedmed explain rebuilds it from this)."""
+    schema = data_schema(cfg)
+    return ModelCard(
+        model=cfg.model.name.value,
+        dataset=cfg.dataset.name,
+        input_shape=schema.input_shape,
+        num_classes=schema.num_classes,
+        columns=model_columns(cfg),
+        simulated=simulated,
+        seed=cfg.seed,
+    )
 
 
 def make_server_app(

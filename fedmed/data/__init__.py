@@ -3,6 +3,7 @@
 from fedmed.data.sources import (
     data_schema,
     load_site,
+    model_columns,
     num_sites,
     resolve_path,
     site_kit,
@@ -15,6 +16,7 @@ __all__ = [
     "SiteData",
     "data_schema",
     "load_site",
+    "model_columns",
     "num_sites",
     "resolve_path",
     "site_kit",

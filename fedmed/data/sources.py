@@ -29,7 +29,14 @@ from fedmed.data.canaries import with_canaries
 from fedmed.data.images import ImageSplits, load_medmnist
 from fedmed.data.partition import partition_train_test, stratified_split
 from fedmed.data.synthetic import pooled, synthetic_site_name, synthetic_table
-from fedmed.data.tabular import SitePreprocessor, Table, TabularSpec, read_table
+from fedmed.data.tabular import (
+    InputColumn,
+    SitePreprocessor,
+    Table,
+    TabularSpec,
+    read_table,
+    spec_columns,
+)
 from fedmed.data.types import DataSchema, SiteData
 from fedmed.errors import ConfigError
 from fedmed.kits.files import BUNDLED_PREFIX
@@ -141,6 +148,7 @@ def _tabular_site(
         x_test=prep.transform_rows(table, test),
         y_test=table.labels[test],
         num_classes=len(spec.classes),
+        preprocessing=prep,
     )
 
 
@@ -213,6 +221,12 @@ def _pooled_table(paths: tuple[str, ...], spec: TabularSpec) -> Table:
     return pooled([_read_table_cached(p, spec) for p in paths])
 
 
+def _sklearn_spec(table: Table) -> TabularSpec:
+    """A scikit-learn table: numeric features, no missing values, classes 0..K-1."""
+    classes = tuple(range(int(table.labels.max()) + 1))
+    return TabularSpec(label="target", classes=classes, missing_indicators=False)
+
+
 def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
     ds = cfg.dataset
     if isinstance(ds, SyntheticTabularConfig):
@@ -233,9 +247,7 @@ def _load_site_uncached(cfg: FedMedConfig, index: int) -> SiteData:
         return _load_partitioned_table(cfg, _read_table_cached(ds.path, spec), spec, index)
     if isinstance(ds, SklearnConfig):
         table = _sklearn_table(ds.loader)
-        classes = tuple(range(int(table.labels.max()) + 1))
-        spec = TabularSpec(label="target", classes=classes, missing_indicators=False)
-        return _load_partitioned_table(cfg, table, spec, index)
+        return _load_partitioned_table(cfg, table, _sklearn_spec(table), index)
     if isinstance(ds, ImageConfig):
         images = _load_images_cached(ds.path, ds.num_classes, ds.channels)
         train, test = _partition_for(cfg, images.y_train, images.y_test, index)
@@ -309,16 +321,25 @@ def load_site(cfg: FedMedConfig, index: int) -> SiteData:
     return _site_cache[key]
 
 
+def model_columns(cfg: FedMedConfig) -> tuple[InputColumn, ...] | None:
+    """The names of the model's input columns for a table (from the reading rules and the
+    first source's header); None for images."""
+    ds = cfg.dataset
+    if isinstance(ds, SklearnConfig):
+        table = _sklearn_table(ds.loader)
+        return spec_columns(_sklearn_spec(table), table.feature_names)
+    if not isinstance(ds, TabularConfig):
+        return None
+    spec = tabular_spec(ds)
+    first = site_files(ds)[0][0] if (ds.paths or ds.site_kits) else str(ds.path)
+    return spec_columns(spec, _read_table_cached(first, spec).feature_names)
+
+
 def data_schema(cfg: FedMedConfig) -> DataSchema:
     """Input shape and class count for building the global model (reads the first source only)."""
     ds = cfg.dataset
     if isinstance(ds, TabularConfig):
-        spec = tabular_spec(ds)
-        first = site_files(ds)[0][0] if (ds.paths or ds.site_kits) else str(ds.path)
-        table = _read_table_cached(first, spec)
-        return DataSchema(
-            (SitePreprocessor.output_width(spec, table.feature_names),), len(spec.classes)
-        )
+        return DataSchema((len(model_columns(cfg) or ()),), len(ds.classes))
     if isinstance(ds, SklearnConfig):
         table = _sklearn_table(ds.loader)
         return DataSchema((table.features.shape[1],), int(table.labels.max()) + 1)

@@ -207,6 +207,20 @@ def _check_all_missing_columns(
 
 
 @dataclass(frozen=True)
+class InputColumn:
+    """One column the model reads, and the clinical feature (a CSV column) it comes from.
+
+    ``kind``: ``value`` (the feature standardised by the site), ``missing`` (its missing-value
+    indicator) or ``category`` (one declared category of a categorical feature, one-hot).
+    """
+
+    name: str
+    feature: str
+    kind: str
+    category: float | None = None
+
+
+@dataclass(frozen=True)
 class SitePreprocessor:
     """Median imputation + missing indicators + standardisation + declared one-hot categories.
 
@@ -221,6 +235,7 @@ class SitePreprocessor:
     means: np.ndarray
     stds: np.ndarray
     missing_indicators: bool
+    feature_names: tuple[str, ...] = ()
 
     @classmethod
     def fit(cls, table: Table, spec: TabularSpec, rows: np.ndarray) -> SitePreprocessor:
@@ -251,7 +266,10 @@ class SitePreprocessor:
                 "deviation is not a finite number)",
             )
         stds[stds < 1e-12] = 1.0
-        return cls(numeric, categorical, medians, means, stds, spec.missing_indicators)
+        return cls(
+            numeric, categorical, medians, means, stds, spec.missing_indicators,
+            table.feature_names,
+        )  # fmt: skip
 
     def transform_rows(self, table: Table, rows: np.ndarray) -> np.ndarray:
         """``transform`` of some of ``table``'s rows; a value whose standardised form is not a
@@ -282,14 +300,40 @@ class SitePreprocessor:
             blocks.append(np.stack([col == c for c in categories], axis=1).astype(np.float64))
         return np.concatenate(blocks, axis=1).astype(np.float32)
 
-    @staticmethod
-    def output_width(spec: TabularSpec, feature_names: tuple[str, ...]) -> int:
-        """Width of ``transform``'s output, known from the spec alone (no data needed)."""
-        declared = dict(spec.categorical)
-        numeric = sum(1 for n in feature_names if n not in declared)
-        one_hot = sum(len(declared[n]) for n in feature_names if n in declared)
-        indicators = len(feature_names) if spec.missing_indicators else 0
-        return numeric + indicators + one_hot
+    def columns(self) -> tuple[InputColumn, ...]:
+        """The columns ``transform`` writes, in its order."""
+        return input_columns(self.feature_names, self.categorical, self.missing_indicators)
+
+    def recorded_value(self, transformed: np.ndarray, column: int) -> float:
+        """The value in the record's own units behind standardised column ``column`` (a
+        missing value reads as the site's median, the value the model saw)."""
+        return float(transformed[column]) * float(self.stds[column]) + float(self.means[column])
+
+
+def spec_columns(spec: TabularSpec, feature_names: tuple[str, ...]) -> tuple[InputColumn, ...]:
+    """The model's input columns, from the reading rules alone (no site's data needed)."""
+    declared = dict(spec.categorical)
+    categorical = tuple(
+        (i, tuple(declared[name])) for i, name in enumerate(feature_names) if name in declared
+    )
+    return input_columns(feature_names, categorical, spec.missing_indicators)
+
+
+def input_columns(
+    feature_names: tuple[str, ...],
+    categorical: tuple[tuple[int, tuple[float, ...]], ...],
+    missing_indicators: bool,
+) -> tuple[InputColumn, ...]:
+    """Standardised numeric features, then every feature's missing indicator, then each
+    categorical feature's categories: the block order of ``SitePreprocessor.transform``."""
+    one_hot = {i for i, _ in categorical}
+    columns = [InputColumn(n, n, "value") for i, n in enumerate(feature_names) if i not in one_hot]
+    if missing_indicators:
+        columns += [InputColumn(f"{n}: missing", n, "missing") for n in feature_names]
+    for i, categories in categorical:
+        name = feature_names[i]
+        columns += [InputColumn(f"{name} = {c:g}", name, "category", c) for c in categories]
+    return tuple(columns)
 
 
 def _refuse_value(table: Table, rows: np.ndarray, column: int, what: str) -> None:

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedmed.data.tabular import SitePreprocessor
+
 
 @dataclass(frozen=True)
 class DataSchema:
@@ -18,7 +20,9 @@ class DataSchema:
 @dataclass(frozen=True)
 class SiteData:
     """One hospital's train and test split, already preprocessed on that site alone, and the
-    validation split carved from its training records when the operating point needs one."""
+    validation split carved from its training records when the operating point needs one.
+    ``preprocessing``: a CSV site's own preprocessing, which names the model's input columns
+    and turns them back into the records' units (explanations read it; nothing sends it)."""
 
     name: str
     x_train: np.ndarray
@@ -28,6 +32,7 @@ class SiteData:
     num_classes: int
     x_val: np.ndarray | None = None
     y_val: np.ndarray | None = None
+    preprocessing: SitePreprocessor | None = None
 
     @property
     def held_out_records(self) -> int:

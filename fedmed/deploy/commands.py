@@ -1,9 +1,10 @@
-"""``fedmed server start|run`` and ``fedmed site start``: argument parsing only."""
+"""``fedmed server start|run`` and ``fedmed site start|explain``: argument parsing only."""
 
 from __future__ import annotations
 
 import argparse
 import datetime
+from pathlib import Path
 
 from fedmed.deploy.launch import server_run, server_start, site_start
 
@@ -36,5 +37,15 @@ def site_main(argv: list[str]) -> int:
     start = commands.add_parser("start", help="run this hospital's SuperNode (foreground)")
     start.add_argument("kit", help="the hospital's site kit (sites/NAME.yaml)")
     start.add_argument("--insecure", action="store_true", help="no TLS, no node auth")
+    explain = commands.add_parser(
+        "explain", help="explain a global model on this hospital's own records (stays here)"
+    )
+    explain.add_argument("kit", help="the hospital's site kit (sites/NAME.yaml)")
+    explain.add_argument("--model", type=Path, required=True, help="RUN/global_model.pt")
+    explain.add_argument("--out", type=Path, help="default: <ledger folder>/<site>.explain")
     args = parser.parse_args(argv)
+    if args.command == "explain":
+        from fedmed.explain.commands import explain_deployed_site
+
+        return explain_deployed_site(args.kit, args.model, args.out)
     return site_start(args.kit, args.insecure)

@@ -14,7 +14,6 @@ a clear panel per site; dry-run predicts the ledgers exactly and reads them with
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from fedmed.audit.report import epsilon_plot_png
 from fedmed.audit.verify import TOLERANCE, verify_all, verify_ledger
 from fedmed.privacy.ledger import HighWaterMark, append_entry, read_verified, write_mark
+from tests.browser import C0_BLUE, pixels_of, render
 from tests.e2e import read_summary, run_fedmed
 from tests.figures import Saved, assert_one_clear_panel_per_site
 
@@ -311,13 +311,6 @@ def test_a_wrong_public_key_fails_the_first_line(dp_run: Path) -> None:
     assert proc.returncode == 1 and "line 1" in proc.stdout and "bad signature" in proc.stdout
 
 
-def _chromium() -> str | None:
-    found = shutil.which("chromium")
-    if found is None and os.environ.get("FEDMED_REQUIRE_BROWSER") == "1":
-        pytest.fail("chromium is not installed (make test installs Debian's chromium)")
-    return found
-
-
 def test_the_privacy_statement_renders_in_headless_chromium(dp_run: Path, tmp_path: Path) -> None:
     proc = run_fedmed("audit", "report", str(dp_run), "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -335,43 +328,12 @@ def test_the_privacy_statement_renders_in_headless_chromium(dp_run: Path, tmp_pa
         assert needed in markdown, needed
     html = (tmp_path / "privacy_statement.html").read_text()
     assert "data:image/png;base64," in html and "http" not in html.replace("https://", "")
-    chromium = _chromium()
-    if chromium is None:
-        pytest.skip("chromium not installed")
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
-    page = (tmp_path / "privacy_statement.html").as_uri()
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [chromium, *flags, f"--screenshot={shot}", "--window-size=1200,2400", page],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    dom = subprocess.run(
-        [chromium, *flags, "--dump-dom", page],
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout
+    pixels, dom = render(tmp_path / "privacy_statement.html", tmp_path)
     assert "Verification verdict: PASS" in dom and "<table>" in dom
-    from PIL import Image
-
-    pixels = np.asarray(Image.open(shot).convert("RGB")).astype(int)
     assert pixels.std() > 10  # not a blank page
-    # The embedded plot drew its first site in matplotlib's C0 blue (31, 119, 180):
-    # the page itself uses only greys, so blue pixels mean the embedded image rendered.
-    blue = (np.abs(pixels - np.array([31, 119, 180])).sum(axis=2) < 40).sum()
-    assert blue > 100
+    # The embedded plot drew its first site in matplotlib's C0 blue: the page itself uses
+    # only greys, so blue pixels mean the embedded image rendered.
+    assert pixels_of(pixels, C0_BLUE) > 100
 
 
 def test_the_statements_plot_gives_each_site_a_clear_panel(

@@ -1,0 +1,5 @@
+"""Explanations computed where the patients are (``fedmed explain``, ``fedmed site explain``).
+
+Nothing here sends anything: a site's explanations are written into its own folder, and the
+coordinator's view is built from the global model alone.
+"""
