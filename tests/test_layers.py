@@ -20,21 +20,25 @@ PACKAGE = Path(fedmed.__file__).parent
 
 # Lowest first. A module belongs to the first layer with a prefix it starts with.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("basics", ("fedmed.errors", "fedmed.metrics", "fedmed.operating_point", "fedmed.plots",
-                "fedmed.process_tree", "fedmed.records", "fedmed.terminal")),
+    ("basics", ("fedmed.errors", "fedmed.metrics", "fedmed.operating_point", "fedmed.pages",
+                "fedmed.plots", "fedmed.process_tree", "fedmed.records", "fedmed.terminal")),
     ("config/kits", ("fedmed.config", "fedmed.kits", "fedmed.provenance")),
     ("data/models", ("fedmed.data", "fedmed.models", "fedmed.train")),
     ("privacy/secure", ("fedmed.privacy", "fedmed.secure")),
     ("wire", ("fedmed.protocol",)),
     ("site/coordinator", ("fedmed.site", "fedmed.coordinator")),
     ("runs", ("fedmed.runs",)),
-    ("audit/deploy", ("fedmed.audit", "fedmed.deploy")),
+    ("audit/deploy/explain", ("fedmed.audit", "fedmed.deploy", "fedmed.explain")),
     ("cli", ("fedmed.cli",)),
 )
 # Same layer, still never each other: a site does not know the coordinator's code, nor the
 # reverse (what they share is on the wire, in fedmed.protocol); the auditor's tools and the
-# deployment launchers are independent.
-APART = (("fedmed.site", "fedmed.coordinator"), ("fedmed.audit", "fedmed.deploy"))
+# deployment launchers are independent, and so are the explanations and the audit.
+APART = (
+    ("fedmed.site", "fedmed.coordinator"),
+    ("fedmed.audit", "fedmed.deploy"),
+    ("fedmed.audit", "fedmed.explain"),
+)
 NO_FLOWER_BELOW = "wire"  # layers before this one must not import flwr
 
 

@@ -7,6 +7,7 @@ import datetime
 from pathlib import Path
 
 from fedmed.deploy.launch import server_run, server_start, site_start
+from fedmed.explain import RECORDS_HELP
 
 DEFAULT_SERVER_KIT = "server/coordinator.yaml"
 
@@ -43,9 +44,10 @@ def site_main(argv: list[str]) -> int:
     explain.add_argument("kit", help="the hospital's site kit (sites/NAME.yaml)")
     explain.add_argument("--model", type=Path, required=True, help="RUN/global_model.pt")
     explain.add_argument("--out", type=Path, help="default: <ledger folder>/<site>.explain")
+    explain.add_argument("--records", type=int, nargs="+", default=[], help=RECORDS_HELP)
     args = parser.parse_args(argv)
     if args.command == "explain":
         from fedmed.explain.commands import explain_deployed_site
 
-        return explain_deployed_site(args.kit, args.model, args.out)
+        return explain_deployed_site(args.kit, args.model, args.out, args.records)
     return site_start(args.kit, args.insecure)

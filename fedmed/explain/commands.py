@@ -12,12 +12,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 import yaml
 
 from fedmed.data import SiteData, load_site, num_sites
-from fedmed.errors import FedMedError
+from fedmed.errors import FedMedError, SiteError
+from fedmed.explain import RECORDS_HELP
 from fedmed.explain.global_view import write_global_explanation
 from fedmed.explain.site_report import SiteModels, write_site_explanation
 from fedmed.kits.site import SiteKit, load_site_kit
@@ -49,11 +51,14 @@ def explain_main(argv: list[str]) -> int:
         default=2,
         help="images per outcome (TP/FP/TN/FN) in a CNN's grid",
     )
+    parser.add_argument("--records", type=int, nargs="+", default=[], help=RECORDS_HELP)
     args = parser.parse_args(argv)
-    return explain_run(args.run, args.site, args.global_only, args.per_outcome)
+    return explain_run(args.run, args.site, args.global_only, args.per_outcome, args.records)
 
 
-def explain_run(run: Path, only: list[str] | None, global_only: bool, per_outcome: int) -> int:
+def explain_run(
+    run: Path, only: list[str] | None, global_only: bool, per_outcome: int, records: list[int]
+) -> int:
     model_path = run / GLOBAL_MODEL
     card = read_card(model_path)
     model = load_model(model_path, card)
@@ -83,7 +88,7 @@ def explain_run(run: Path, only: list[str] | None, global_only: bool, per_outcom
             check_columns(card, model_path, data)
             kit = site_setup(cfg, index, SiteRuntime("explain", run / "ledgers", False)).kit
             models = {"global": model, **_personal(kit, card)}
-            site = SiteModels(data.name, data, models, threshold, str(model_path))
+            site = SiteModels(data.name, data, models, threshold, str(model_path), tuple(records))
             html = write_site_explanation(site, run / SITES_FOLDER / data.name, per_outcome)
             print(
                 f"site {data.name}: {len(data.y_test)} test records explained with "
@@ -92,11 +97,13 @@ def explain_run(run: Path, only: list[str] | None, global_only: bool, per_outcom
             )
         except FedMedError as err:  # one site's problem does not stop the others
             failed += 1
-            print(f"fedmed: site {data.name}: {err}", flush=True)
+            print(f"fedmed: {SiteError(data.name, str(err))}", file=sys.stderr, flush=True)
     return 1 if failed else 0
 
 
-def explain_deployed_site(kit_path: str, model_path: Path, out: Path | None) -> int:
+def explain_deployed_site(
+    kit_path: str, model_path: Path, out: Path | None, records: list[int]
+) -> int:
     kit = load_site_kit(kit_path)
     card = read_card(model_path)
     if card.columns is None:
@@ -109,8 +116,12 @@ def explain_deployed_site(kit_path: str, model_path: Path, out: Path | None) -> 
     check_columns(card, model_path, data, kit.data.path)
     models = {"global": model, **_personal(kit, card)}
     folder = out or _site_folder(kit, Path(kit_path))
-    site = SiteModels(kit.name, data, models, _threshold(model_path), str(model_path))
-    html = write_site_explanation(site, folder)
+    threshold = _threshold(model_path)
+    site = SiteModels(kit.name, data, models, threshold, str(model_path), tuple(records))
+    try:
+        html = write_site_explanation(site, folder)
+    except FedMedError as err:
+        raise SiteError(kit.name, str(err)) from None
     print(
         f"site {kit.name}: {len(data.y_test)} test records explained with "
         f"{', '.join(models)} -> {html}"

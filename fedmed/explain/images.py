@@ -121,26 +121,3 @@ def randomisation_check(
             )
         )
     return stages
-
-
-OUTCOMES = ("true positive", "false positive", "true negative", "false negative")
-
-
-def by_outcome(
-    scores: np.ndarray, labels: np.ndarray, threshold: float, per_outcome: int
-) -> dict[str, list[int]]:
-    """Up to ``per_outcome`` records of each outcome at ``threshold``, the most confident
-    first (largest distance of the margin from the threshold)."""
-    called = scores >= threshold
-    masks = {
-        "true positive": called & (labels == 1),
-        "false positive": called & (labels == 0),
-        "true negative": ~called & (labels == 0),
-        "false negative": ~called & (labels == 1),
-    }
-    chosen = {}
-    for outcome in OUTCOMES:
-        rows = np.flatnonzero(masks[outcome])
-        order = rows[np.argsort(-np.abs(scores[rows] - threshold), kind="stable")]
-        chosen[outcome] = [int(r) for r in order[:per_outcome]]
-    return chosen

@@ -21,6 +21,7 @@ from fedmed.data.types import SiteData
 from fedmed.errors import FedMedError
 from fedmed.explain import images as image_maps
 from fedmed.explain.linear import MarginModel, by_feature, features_of, ranked
+from fedmed.explain.outcomes import OUTCOMES, by_outcome
 from fedmed.pages import md_table, png_data_uri, to_html
 from fedmed.plots import image_grid, ranked_bars
 
@@ -38,6 +39,7 @@ class SiteModels:
     models: dict[str, nn.Module]
     threshold: float
     origin: str  # where the global model came from, for the report
+    records: tuple[int, ...] = ()  # test records to show (default: chosen by outcome)
 
 
 @dataclass
@@ -87,15 +89,22 @@ def write_site_explanation(site: SiteModels, out: Path, per_outcome: int = 2) ->
     return html
 
 
+def _requested(site: SiteModels) -> tuple[int, ...]:
+    """The test records asked for, each checked against the site's test split."""
+    count = len(site.data.y_test)
+    bad = [r for r in site.records if not 0 <= r < count]
+    if bad:
+        raise FedMedError(f"--records {bad}: its test records are numbered 0..{count - 1}")
+    return site.records
+
+
 # ----------------------------------------------------------------------------- linear
 def _linear(site: SiteModels, name: str, model: nn.Module) -> Written:
     data, prep = site.data, site.data.preprocessing
     assert prep is not None
     columns = prep.columns()
     if model.linear.in_features != len(columns):  # type: ignore[union-attr]
-        raise FedMedError(
-            f"site '{site.site}': model {name} does not read its {len(columns)} columns"
-        )
+        raise FedMedError(f"model {name} does not read its {len(columns)} columns")
     margin = MarginModel.of(model)
     reference = data.x_train.astype(np.float64).mean(axis=0)  # the site's mean record
     x = data.x_test.astype(np.float64)
@@ -130,7 +139,7 @@ def _linear(site: SiteModels, name: str, model: nn.Module) -> Written:
         ),
     ]
     scores = margin.margins(x)
-    chosen = image_maps.by_outcome(scores, data.y_test, site.threshold, per_outcome=1)
+    chosen = by_outcome(scores, data.y_test, site.threshold, 1, _requested(site))
     patients = []
     for outcome, picked in chosen.items():
         for row in picked:
@@ -205,10 +214,10 @@ def _recorded(prep: Any, row: np.ndarray, columns: tuple[InputColumn, ...]) -> d
 def _images(site: SiteModels, name: str, model: nn.Module, per_outcome: int) -> Written:
     data = site.data
     scores = image_maps.margins(model, data.x_test)
-    chosen = image_maps.by_outcome(scores, data.y_test, site.threshold, per_outcome)
-    rows = [r for outcome in image_maps.OUTCOMES for r in chosen[outcome]]
+    chosen = by_outcome(scores, data.y_test, site.threshold, per_outcome, _requested(site))
+    rows = [r for outcome in OUTCOMES for r in chosen[outcome]]
     if not rows:
-        raise FedMedError(f"site '{site.site}': no test images to explain")
+        raise FedMedError("no test images to explain")
     images = data.x_test[rows]
     maps = image_maps.attribution_maps(model, images)
     stages = image_maps.randomisation_check(model, images, maps)
@@ -218,7 +227,7 @@ def _images(site: SiteModels, name: str, model: nn.Module, per_outcome: int) -> 
         ),
         images,
     )
-    labels = [f"{_short(o)} {scores[r]:+.1f}" for o in image_maps.OUTCOMES for r in chosen[o]]
+    labels = [f"{_short(o)} {scores[r]:+.1f}" for o in OUTCOMES for r in chosen[o]]
     grid_file, check_file = f"{name}_attributions.png", f"{name}_randomisation.png"
     figures = {
         grid_file: _overlay_grid(
@@ -247,7 +256,7 @@ def _images(site: SiteModels, name: str, model: nn.Module, per_outcome: int) -> 
         ]
         for s in stages
     ]
-    counts = {o: len(chosen[o]) for o in image_maps.OUTCOMES}
+    counts = {o: len(chosen[o]) for o in OUTCOMES}
     parts = [
         f"## The {name} model: attribution maps at {site.site}",
         "Columns: the site's test images by outcome at the operating point "
@@ -271,7 +280,7 @@ def _images(site: SiteModels, name: str, model: nn.Module, per_outcome: int) -> 
     numbers = {
         "model": name,
         "kind": "image",
-        "images": {o: chosen[o] for o in image_maps.OUTCOMES},
+        "images": {o: chosen[o] for o in OUTCOMES},
         "ig_completeness_error": {
             "mean": float(maps.completeness_error.mean()),
             "max": float(maps.completeness_error.max()),

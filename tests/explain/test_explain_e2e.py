@@ -212,6 +212,9 @@ def test_explain_errors_name_the_file_or_site(heart: dict[str, Any], tmp_path: P
     unknown = run_fedmed("explain", str(heart["run"]), "--site", "mayo")
     assert unknown.returncode == 2 and "--site mayo: not a site of" in unknown.stderr
     assert "cleveland, hungary, switzerland, va" in unknown.stderr
+    records = run_fedmed("explain", str(heart["run"]), "--site", "va", "--records", "2", "50")
+    assert records.returncode == 1  # the site's error, after the coordinator's view
+    assert "site 'va': --records [50]: its test records are numbered 0..49" in records.stderr
     copied = tmp_path / "copied-run"
     copied.mkdir()
     for name in ("global_model.pt", "global_model.json"):

@@ -13,8 +13,9 @@ from fedmed.config.schema import ModelName
 from fedmed.data.tabular import InputColumn, SitePreprocessor, Table, TabularSpec
 from fedmed.data.types import DataSchema
 from fedmed.errors import FedMedError
-from fedmed.explain.images import by_outcome, randomised, rank_correlation, trained_layers
+from fedmed.explain.images import randomised, rank_correlation, trained_layers
 from fedmed.explain.linear import MarginModel, by_feature, feature_effects, ranked
+from fedmed.explain.outcomes import by_outcome
 from fedmed.models import build_model
 
 SPEC = TabularSpec(label="y", categorical=(("cp", (1.0, 2.0, 4.0)),))
@@ -99,6 +100,9 @@ def test_images_are_picked_by_outcome_most_confident_first() -> None:
         "true negative": [6, 2],
         "false negative": [4],
     }
+    asked = by_outcome(scores, labels, threshold=0.0, per_outcome=2, requested=(5, 2))
+    assert asked == {"true positive": [5], "false positive": [], "true negative": [2],
+                     "false negative": []}  # fmt: skip
 
 
 def test_randomising_resets_only_the_named_layers() -> None:
