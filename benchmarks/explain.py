@@ -77,7 +77,7 @@ def heart(
     model: str, privacy: list[str], seeds: list[int], extra: list[str], workdir: Path
 ) -> dict[str, Any]:
     per_seed: dict[str, list[float]] = {"weights_spearman": [], "effects_spearman": []}
-    predictor_ranks: dict[str, dict[str, list[int]]] = {"federated": {}, "pooled": {}}
+    feature_ranks: dict[str, dict[str, list[int]]] = {"federated": {}, "pooled": {}}
     for seed in seeds:
         out = Path(tempfile.mkdtemp(dir=workdir))
         overrides = [*HEART, f"model={model}", *privacy, f"seed={seed}", *extra]
@@ -96,8 +96,7 @@ def heart(
         per_seed["effects_spearman"].append(float(spearmanr(fed_effects, pooled_effects).statistic))
         for name, effects in (("federated", fed_effects), ("pooled", pooled_effects)):
             for feature, rank in ranks(features, effects).items():
-                if feature in KNOWN_PREDICTORS:
-                    predictor_ranks[name].setdefault(feature, []).append(rank)
+                feature_ranks[name].setdefault(feature, []).append(rank)
         for site in ("cleveland", "hungary", "switzerland", "va"):
             numbers = json.loads((out / "sites" / site / "explanation.json").read_text())
             error = numbers["models"]["global"]["completeness_error"]
@@ -106,9 +105,9 @@ def heart(
         "weights_spearman": mean_sd(per_seed["weights_spearman"]),
         "effects_spearman": mean_sd(per_seed["effects_spearman"]),
         "largest_completeness_error": max(per_seed["completeness_error"]),
-        "predictor_ranks": {
+        "feature_ranks": {
             name: {f: mean_sd([float(r) for r in v]) for f, v in table.items()}
-            for name, table in predictor_ranks.items()
+            for name, table in feature_ranks.items()
         },
         "features": len(features_of(columns)),
         "per_seed": per_seed,
@@ -171,7 +170,8 @@ def main() -> None:
                     results[f"heart/{model}/{name}"] = row
                     fed = {
                         f: round(v["mean"], 1)
-                        for f, v in row["predictor_ranks"]["federated"].items()
+                        for f, v in row["feature_ranks"]["federated"].items()
+                        if f in KNOWN_PREDICTORS
                     }
                     print(
                         f"heart {model} {name}: weights rho {row['weights_spearman']['mean']:.3f}"
