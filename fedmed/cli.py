@@ -81,6 +81,13 @@ def print_summary(summary: dict[str, Any], output_dir: Path) -> None:
     acc = f"{g['accuracy']:.4f}" if g.get("accuracy") is not None else "n/a"
     clinical = clinical_text({name: g.get(name) for name in CLINICAL_METRICS})
     print(f"global model: accuracy {acc}{clinical} | auc {auc} | status {summary['status']}")
+    personal = summary.get("personal_models")
+    if personal:
+        figures = clinical_text({name: personal.get(name) for name in CLINICAL_METRICS})
+        p_auc = f"{personal['auc']:.4f}" if personal.get("auc") is not None else "n/a"
+        how = f"{personal['method']}, each site's own, {personal['evaluation']} evaluation"
+        print(f"personal models ({how}): accuracy {personal['accuracy']:.4f}{figures} | "
+              f"auc {p_auc}")  # fmt: skip
     if g.get("threshold") and g.get("threshold_rule"):  # a rule, or a margin other than 0
         print(f"operating point: threshold {g['threshold']:+.2f} ({g['threshold_rule']})")
     if summary.get("stop_reason"):

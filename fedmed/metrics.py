@@ -239,25 +239,34 @@ def released_counts(stats: EvalStats, edges: Sequence[float]) -> np.ndarray:
 
 
 def held_out_counts(
-    test: EvalStats, validation: EvalStats | None, edges: Sequence[float]
+    test: EvalStats,
+    validation: EvalStats | None,
+    edges: Sequence[float],
+    personal: EvalStats | None = None,
 ) -> np.ndarray:
     """One release over a site's held-out records: the test split's released counts, then
-    the validation split's (when there is one). The splits are disjoint, so each record is
-    still counted exactly once: one record changes the vector by 1 in L2, as before."""
+    the validation split's (when there is one), then the test split's counts under the site's
+    personal model (at the final evaluation of a personalised run). The splits are disjoint:
+    without the personal part each record is counted once (L2 sensitivity 1); with it a test
+    record is counted twice, once per model (``fedmed.privacy.evaluation`` scales the noise)."""
     parts = [released_counts(test, edges)]
     if validation is not None:
         parts.append(released_counts(validation, edges))
+    if personal is not None:
+        parts.append(released_counts(personal, edges))
     return np.concatenate(parts)
 
 
 def split_held_out(
-    counts: np.ndarray, with_validation: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """(test counts, validation counts or None) of a (summed) ``held_out_counts`` vector."""
-    if not with_validation:
-        return counts, None
-    half = len(counts) // 2
-    return counts[:half], counts[half:]
+    counts: np.ndarray, with_validation: bool, with_personal: bool = False
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """(test, validation or None, personal-model test or None) counts of a (summed)
+    ``held_out_counts`` vector: its parts are of equal length."""
+    parts = np.split(counts, 1 + int(with_validation) + int(with_personal))
+    test, rest = parts[0], parts[1:]
+    validation = rest.pop(0) if with_validation else None
+    personal = rest.pop(0) if with_personal else None
+    return test, validation, personal
 
 
 def released_size(num_classes: int, edges: Sequence[float]) -> int:

@@ -65,6 +65,9 @@ VALIDATION_EXAMPLES_KEY = "validation_examples"
 # personalization=finetune under DP: the accounting of the DP-SGD steps a site took on its
 # records for its personal model (which stays at the site), beside its final evaluation.
 PERSONAL_PREFIX = "personal_"
+# privacy=none, personalization=finetune|mrmtl: the exact test counts of a site's personal
+# model at the final evaluation (with DP they follow in the one noisy vector).
+PERSONAL_MODEL_PREFIX = "personal_model_"
 
 
 @dataclass(frozen=True)
@@ -133,13 +136,17 @@ class EvaluateReport:
     validation: EvalStats | None = None
     validation_examples: int = 0
     personal: PrivacyReport | None = None  # DP fine-tuning's accounting (never the model)
+    personal_stats: EvalStats | None = None  # privacy=none: the personal model's exact counts
 
     def to_metrics(self) -> dict[str, Scalar]:
         if self.stats is not None:
             out = {SITE_KEY: self.site, **self.stats.to_metrics()}
-            if self.validation is not None:
-                metrics = self.validation.to_metrics().items()
-                out.update({VALIDATION_PREFIX + key: value for key, value in metrics})
+            for prefix, extra in (
+                (VALIDATION_PREFIX, self.validation),
+                (PERSONAL_MODEL_PREFIX, self.personal_stats),
+            ):
+                if extra is not None:
+                    out.update({prefix + key: value for key, value in extra.to_metrics().items()})
             return out
         out = {SITE_KEY: self.site, NUM_EXAMPLES_KEY: self.num_examples}
         if self.validation_examples:
@@ -159,17 +166,13 @@ class EvaluateReport:
         site = read_fields(cls, metrics, "evaluate report")[SITE_KEY]
         if "epsilon" in metrics:
             return cls._private(site, metrics, masked)
-        prefixed = {
-            key[len(VALIDATION_PREFIX) :]: value
-            for key, value in metrics.items()
-            if key.startswith(VALIDATION_PREFIX)
-        }
         try:
             stats = EvalStats.from_metrics(dict(metrics))
-            validation = EvalStats.from_metrics(prefixed) if prefixed else None
+            validation = _prefixed_stats(metrics, VALIDATION_PREFIX)
+            personal = _prefixed_stats(metrics, PERSONAL_MODEL_PREFIX)
         except (KeyError, TypeError, ValueError) as exc:
             raise RecordError(f"evaluate report: unreadable counts ({exc!r:.80})") from None
-        return cls(site, stats, validation=validation)
+        return cls(site, stats, validation=validation, personal_stats=personal)
 
     @classmethod
     def _private(cls, site: str, metrics: Mapping[str, Any], masked: bool) -> EvaluateReport:
@@ -191,7 +194,7 @@ class EvaluateReport:
         personal = {
             key[len(PERSONAL_PREFIX) :]: value
             for key, value in metrics.items()
-            if key.startswith(PERSONAL_PREFIX)
+            if key.startswith(PERSONAL_PREFIX) and not key.startswith(PERSONAL_MODEL_PREFIX)
         }
         return cls(
             site,
@@ -246,12 +249,12 @@ RELEASES: dict[str, dict[str, Release]] = {
         SITE_KEY: Release.PUBLIC,
         NUM_EXAMPLES_KEY: Release.PUBLIC,  # test split size
         VALIDATION_EXAMPLES_KEY: Release.PUBLIC,  # validation split size
-        NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,  # test (then validation) split counts
+        NOISY_COUNTS_KEY: Release.PRIVATE_STATISTIC,  # test, validation, personal-model counts
         **_ACCOUNTING,
         **_PERSONAL_ACCOUNTING,
         **{
             prefix + key: Release.EXACT
-            for prefix in ("", VALIDATION_PREFIX)
+            for prefix in ("", VALIDATION_PREFIX, PERSONAL_MODEL_PREFIX)
             for key in ("num_examples", "loss_sum", "correct", "hist_pos", "hist_neg")
             if prefix + key != NUM_EXAMPLES_KEY
         },
@@ -274,6 +277,12 @@ MECHANISMS_OF = {
     Release.MASKED: (DP_SGD, EVALUATION_COUNTS),  # by the request's task
 }
 LEDGERED = tuple(MECHANISMS_OF)  # the kinds whose reply must name its ledger entry under DP
+
+
+def _prefixed_stats(metrics: Mapping[str, Any], prefix: str) -> EvalStats | None:
+    """The counts sent under ``prefix`` (the validation split's, the personal model's)."""
+    values = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return EvalStats.from_metrics(values) if values else None
 
 
 def declared(record: str, key: str) -> Release | None:

@@ -94,6 +94,18 @@ def test_an_evaluate_report_reads_back_its_counts() -> None:
         EvaluateReport.from_metrics({"site": "va", "num_examples": 50})
 
 
+def test_a_personal_models_exact_counts_travel_prefixed_without_dp() -> None:
+    stats = EvalStats(50, 12.5, 40, np.arange(4, dtype=np.int64), np.ones(4, dtype=np.int64))
+    own = EvalStats(50, 10.0, 45, np.ones(4, dtype=np.int64), np.arange(4, dtype=np.int64))
+    sent = EvaluateReport("va", stats, personal_stats=own).to_metrics()
+    assert sent["personal_model_correct"] == 45 and sent["correct"] == 40
+    assert all(declared("evaluateres.metrics", key) is Release.EXACT
+               for key in sent if key.startswith("personal_model_"))  # fmt: skip
+    back = EvaluateReport.from_metrics(_over_the_wire(sent))
+    assert back.personal_stats is not None and back.personal_stats.correct == 45
+    assert back.stats is not None and back.stats.correct == 40 and back.personal is None
+
+
 def test_a_fine_tuning_s_accounting_travels_prefixed_beside_a_private_evaluation() -> None:
     personal = dataclasses.replace(ACCOUNTING, steps=30, ledger_entry="b" * 64)
     report = EvaluateReport(

@@ -31,7 +31,7 @@ from fedmed.coordinator.privacy_log import UNIT_OF_PRIVACY
 from fedmed.errors import FedMedError
 from fedmed.pages import md_table, png_data_uri, to_html
 from fedmed.plots import panels
-from fedmed.privacy.evaluation import SENSITIVITY
+from fedmed.privacy.evaluation import PERSONAL_SENSITIVITY, SENSITIVITY
 from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, SPLITS, TRAIN
 
 STATEMENT = "privacy_statement"
@@ -332,7 +332,9 @@ def statement_markdown(
         f"- Training split: `{DP_SGD}` — DP-SGD with Poisson sampling, per-sample gradient "
         f"clipping (max_grad_norm {', '.join(clips) or 'n/a'}) and Gaussian noise.",
         f"- Evaluation split: `{EVALUATION_COUNTS}` — the test split's counts "
-        f"plus Gaussian noise, L2 sensitivity {SENSITIVITY:g} (one record is one count), one "
+        f"plus Gaussian noise, L2 sensitivity {SENSITIVITY:g} (one record is one count; "
+        f"{PERSONAL_SENSITIVITY:.4g} at a personalised run's final evaluation, which also counts "
+        "the test records under each site's personal model, with the noise scaled by it), one "
         "Gaussian mechanism per evaluation. Released, as the entries record it: "
         + ("; ".join(sorted({f"{e.released}" for _, e in entries if e.released})) or "none")
         + ".",

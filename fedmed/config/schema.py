@@ -571,6 +571,16 @@ def _validate_personalization(cfg: FedMedConfig) -> None:
         )
 
 
+def evaluates_personal_model(cfg: FedMedConfig, server_round: int) -> bool:
+    """Whether this evaluation also reports each site's personal model on its test split:
+    the final one, under finetune or mrmtl (FedPer's evaluation is of its personal models)."""
+    personal = cfg.personalization.name in (
+        PersonalizationName.finetune,
+        PersonalizationName.mrmtl,
+    )
+    return personal and server_round == cfg.federation.rounds
+
+
 def personal_epochs(cfg: FedMedConfig) -> int:
     """The training epochs a site adds, after the planned rounds, for its personal model."""
     p = cfg.personalization

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.common import Error
 
-from fedmed.config.schema import FedMedConfig
+from fedmed.config.schema import FedMedConfig, evaluates_personal_model
 from fedmed.coordinator.privacy_log import PrivacyLog
 from fedmed.coordinator.receipts import ReceiptBook
 from fedmed.coordinator.releases import ReleaseLog
@@ -151,6 +151,9 @@ class RunRecorder:
     receipts: ReceiptBook = field(init=False)
     releases: ReleaseLog = field(init=False)
     secure: SecureAggregationLog = field(default_factory=SecureAggregationLog)
+    # personalization=finetune|mrmtl: the sites' personal models at the final evaluation
+    personal_models: dict[str, Any] | None = None
+    _personal_sites: dict[str, dict[str, Any]] = field(default_factory=dict)  # privacy=none
     _fit_rows: dict[str, dict[str, Any]] = field(default_factory=dict)
     _trained: dict[int, set[str]] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
@@ -241,6 +244,7 @@ class RunRecorder:
             if report.privacy is not None:
                 self._record_evaluation_privacy(server_round, report)
         rule = parse_threshold(self.cfg.evaluation.threshold)
+        personal: EvalStats | None = None  # the sites' personal models, merged
         if exact:
             validations = [r.validation for r in reports if r.validation is not None]
             threshold = _threshold(rule, EvalStats.merge(validations) if validations else None)
@@ -249,6 +253,11 @@ class RunRecorder:
             merged = EvalStats.merge(list(exact.values()))
             merged.threshold = threshold
             self._site_rows(server_round, exact)
+            own = {r.site: r.personal_stats for r in reports if r.personal_stats is not None}
+            if own:
+                own = {site: stats.at_threshold(threshold) for site, stats in own.items()}
+                personal = EvalStats.merge(list(own.values()))
+                self._personal_sites = {s: _figures(stats) for s, stats in own.items()}
         elif private:
             counts = masked_sum
             if counts is None:
@@ -256,7 +265,10 @@ class RunRecorder:
             dp = dp_config(self.cfg)
             assert dp is not None, "only DP sites release noisy counts"
             edges = dp.evaluation_margin_edges
-            test_counts, validation_counts = split_held_out(counts, rule.needs_validation)
+            with_personal = evaluates_personal_model(self.cfg, server_round)
+            test_counts, validation_counts, personal_counts = split_held_out(
+                counts, rule.needs_validation, with_personal
+            )
             validation = None
             if validation_counts is not None:
                 n_validation = sum(r.validation_examples for r in private)
@@ -264,6 +276,8 @@ class RunRecorder:
             threshold = _threshold(rule, validation)
             n = sum(r.num_examples for r in private)
             merged = stats_from_counts(test_counts, n, edges, threshold)
+            if personal_counts is not None:
+                personal = stats_from_counts(personal_counts, n, edges, threshold)
             self._private_rows(server_round, private, merged)
         else:
             self.record_unevaluated(server_round, "no site evaluated")
@@ -282,6 +296,8 @@ class RunRecorder:
         )
         self.history.append(record)
         self.rounds_ended.append(server_round)
+        if personal is not None:
+            self._record_personal(server_round, personal, private=not exact)
         auc = f"{record.auc:.4f}" if record.auc is not None else "  n/a "
         loss = f"loss {record.loss:.4f}" if record.loss is not None else "private evaluation"
         log.info(
@@ -293,6 +309,22 @@ class RunRecorder:
             f"{record.seconds:.1f}s",
         )
         return record
+
+    def _record_personal(self, server_round: int, personal: EvalStats, private: bool) -> None:
+        """The sites' personal models on their test splits, merged (their models never left
+        the sites: only these counts did, in the final evaluation's release)."""
+        self.personal_models = {
+            **_figures(personal),
+            "round": server_round,
+            "evaluation": "private" if private else "exact",
+            "method": self.cfg.personalization.name.value,
+        }
+        auc = personal.auc
+        log.info(
+            f"round {server_round:>3}/{self.cfg.federation.rounds} | personal models: "
+            f"accuracy {personal.accuracy:.4f}{clinical_text(clinical_metrics(personal))} | "
+            f"auc {'n/a' if auc is None else f'{auc:.4f}'} (each site's own, on its test split)"
+        )
 
     def _threshold_text(self, record: RoundRecord) -> str:
         """The operating point in the progress line, when a rule or a margin other than 0
@@ -423,6 +455,9 @@ class RunRecorder:
                 }
                 for r in self.history
             ],
+            "personal_models": None
+            if self.personal_models is None
+            else {**self.personal_models, "sites": self._personal_sites or None},
             "privacy": self.privacy.run_summary(),
             "secure_aggregation": self.secure.summary(),
             "sites": {
@@ -454,6 +489,11 @@ class RunRecorder:
             (self.output_dir / OPERATING_POINT_FILE).write_text(json.dumps(point, indent=2))
         self.privacy.write(self.output_dir)
         return summary
+
+
+def _figures(stats: EvalStats) -> dict[str, float | None]:
+    """Accuracy, the clinical metrics and AUC of merged (or one site's) test counts."""
+    return {"accuracy": stats.accuracy, **clinical_metrics(stats), "auc": stats.auc}
 
 
 def _threshold(rule: ThresholdRule, validation: EvalStats | None) -> float:

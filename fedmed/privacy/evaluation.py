@@ -11,6 +11,7 @@ calibrated once per run so that the run's planned evaluations reach the evaluati
 from __future__ import annotations
 
 import functools
+import math
 import secrets
 
 import numpy as np
@@ -20,12 +21,22 @@ from fedmed.privacy.accounting import DPSteps, calibrate_noise_multiplier
 from fedmed.privacy.budget import SitePolicy, dp_config
 
 SENSITIVITY = 1.0  # L2: one record is one count
+# The final evaluation of a personalised run counts each test record twice (under the global
+# and under the site's personal model): L2 sensitivity sqrt(2), and the noise scaled with it,
+# so the release is accounted exactly as any other evaluation (one step at the same noise
+# multiplier) and the planned calibration holds.
+PERSONAL_SENSITIVITY = math.sqrt(2.0)
 STATISTICS = "test-split counts: margin bins per class (binary) or right/wrong"
 
 
-def released_statistics(num_classes: int, edges: list[float], validation: bool = False) -> str:
+def released_statistics(
+    num_classes: int, edges: list[float], validation: bool = False, personal: bool = False
+) -> str:
     """What one evaluation releases, in words, for its ledger entry."""
-    records = "test records, then validation records," if validation else "test records"
+    parts = ["test records", *(["validation records"] if validation else [])]
+    if personal:
+        parts.append("test records under the site's personal model")
+    records = ", then ".join(parts) + ("," if len(parts) > 1 else "")
     if num_classes == 2:
         bins = ", ".join(f"{e:g}" for e in edges)
         return f"{records} per class in logit-margin bins with edges {bins}, plus noise"
@@ -53,10 +64,13 @@ def evaluation_noise_multiplier(cfg: FedMedConfig, policy: SitePolicy) -> float:
 
 
 def add_noise(
-    counts: np.ndarray, noise_multiplier: float, rng: np.random.Generator | None = None
+    counts: np.ndarray,
+    noise_multiplier: float,
+    rng: np.random.Generator | None = None,
+    sensitivity: float = SENSITIVITY,
 ) -> np.ndarray:
-    """The counts plus independent Gaussian noise (std noise_multiplier x SENSITIVITY each);
+    """The counts plus independent Gaussian noise (std noise_multiplier x sensitivity each);
     ``rng`` None: fresh OS randomness (a seeded one only for simulated experiments)."""
     generator = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
-    noise = generator.normal(0.0, noise_multiplier * SENSITIVITY, size=counts.shape)
+    noise = generator.normal(0.0, noise_multiplier * sensitivity, size=counts.shape)
     return counts.astype(np.float64) + noise

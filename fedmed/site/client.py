@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from fedmed.config.schema import FedMedConfig, PersonalizationName, site_faults
+from fedmed.config.schema import (
+    FedMedConfig,
+    PersonalizationName,
+    evaluates_personal_model,
+    site_faults,
+)
 from fedmed.data import load_site
 from fedmed.errors import SiteError
 from fedmed.metrics import EvalStats, held_out_counts
@@ -37,6 +42,7 @@ from fedmed.privacy.dp_sgd import (
     train_private,
 )
 from fedmed.privacy.evaluation import (
+    PERSONAL_SENSITIVITY,
     SENSITIVITY,
     add_noise,
     evaluation_noise_multiplier,
@@ -382,13 +388,13 @@ class HospitalSite(NumPyClient):
         (under DP: noisy counts, within the site's budget, in its ledger first)."""
         server_round = int(config.get("server_round", 0))
         stats, validation = self._held_out_stats(parameters)
-        personal = self._personalize(parameters, stats, server_round)
+        accounting, personal = self._personalize(parameters, stats, server_round)
         if dp_config(self.cfg) is not None:
-            report = self._evaluate_private(stats, validation, server_round)
-            report = dataclasses.replace(report, personal=personal)
+            report = self._evaluate_private(stats, validation, server_round, personal)
+            report = dataclasses.replace(report, personal=accounting)
             return 0.0, report.num_examples, report.to_metrics()
         loss = stats.loss if stats.loss is not None else 0.0
-        report = EvaluateReport(self.name, stats, validation=validation)
+        report = EvaluateReport(self.name, stats, validation=validation, personal_stats=personal)
         return loss, stats.num_examples, report.to_metrics()
 
     def _evaluate_masked(
@@ -401,26 +407,30 @@ class HospitalSite(NumPyClient):
         if self.secure is None or dp is None:
             raise SiteError(self.name, "the evaluation task is only run under DP with SecAgg+")
         stats, validation = self._held_out_stats(parameters)
-        personal = self._personalize(parameters, stats, server_round)
-        report = self._evaluate_private(stats, validation, server_round)
+        accounting, personal = self._personalize(parameters, stats, server_round)
+        report = self._evaluate_private(stats, validation, server_round, personal)
         counts = report.noisy_counts
         if counts is None:  # declined: adds nothing to the sum
-            counts = np.zeros_like(held_out_counts(stats, validation, dp.evaluation_margin_edges))
+            edges = dp.evaluation_margin_edges
+            counts = np.zeros_like(held_out_counts(stats, validation, edges, personal))
         vector = [counts / self.secure.max_weight]
         weight = int(self.secure.max_weight)
         self.secure.check_update(self.name, vector, weight)
-        masked = dataclasses.replace(report, noisy_counts=None, personal=personal)
+        masked = dataclasses.replace(report, noisy_counts=None, personal=accounting)
         return vector, weight, masked.to_metrics()
 
     def _personalize(
         self, parameters: list[np.ndarray], global_stats: EvalStats, server_round: int
-    ) -> PrivacyReport | None:
+    ) -> tuple[PrivacyReport | None, EvalStats | None]:
         """At the final evaluation: fine-tune (``finetune``) and write the site's own report
-        of the global and the personal model on its test split. Nothing of it is sent; under
-        DP a fine-tuning's accounting is returned, for the coordinator's privacy report."""
+        of the global and the personal model on its test split. The model is never sent;
+        returned are a DP fine-tuning's accounting (for the coordinator's privacy report) and
+        the personal model's test statistics, which leave the site only as the evaluation's
+        release does (exact without DP; noisy counts, in the same ledgered release, with DP).
+        FedPer's evaluation is already of the personal model: no second statistics."""
         method = self.cfg.personalization.name
         if method is PersonalizationName.none or server_round != self.cfg.federation.rounds:
-            return None
+            return None, None
         store = self._personal_store()
         model = self._model_with(parameters)
         notes, accounting = [], None
@@ -445,7 +455,8 @@ class HospitalSite(NumPyClient):
             )
         path = store.write_report(self.name, method.value, server_round, models, notes)
         log.info("site %s: personal model report %s", self.name, path)
-        return accounting
+        shared = evaluates_personal_model(self.cfg, server_round)
+        return accounting, models["personal"] if shared else None
 
     def _finetune(
         self, model: torch.nn.Module, store: PersonalStore
@@ -489,11 +500,16 @@ class HospitalSite(NumPyClient):
         return test, evaluate(model, self.loss_fn, data.x_val, data.y_val, classes)
 
     def _evaluate_private(
-        self, stats: EvalStats, validation: EvalStats | None, server_round: int
+        self,
+        stats: EvalStats,
+        validation: EvalStats | None,
+        server_round: int,
+        personal: EvalStats | None = None,
     ) -> EvaluateReport:
         """The Gaussian mechanism on the held-out records' counts (test, and validation when
-        the operating point needs it), within the site's lifetime budget for those records;
-        declined (nothing released) beyond it."""
+        the operating point needs it, and the test records under the personal model at a
+        personalised run's final evaluation), within the site's lifetime budget for those
+        records; declined (nothing released) beyond it."""
         policy = site_policy(self.setup.kit)
         n = self.data.held_out_records
         check_delta(self.name, policy.delta, n, records="held-out (test and validation)")
@@ -520,21 +536,25 @@ class HospitalSite(NumPyClient):
             seed = self._reproducible_rng(dp.noise_seed, server_round)
             assert seed is not None
             rng = np.random.default_rng(int(seed.initial_seed()) ^ EVALUATION_SEED)
-        counts = held_out_counts(stats, validation, dp.evaluation_margin_edges)
-        noisy = add_noise(counts, sigma, rng)
+        counts = held_out_counts(stats, validation, dp.evaluation_margin_edges, personal)
+        sensitivity = SENSITIVITY if personal is None else PERSONAL_SENSITIVITY
+        noisy = add_noise(counts, sigma, rng, sensitivity)
         entry = account.record(
             planned,
             decision.epsilon,
             run_id=self.runtime.run_id,
             server_round=server_round,
             dataset_size=n,
-            sensitivity=SENSITIVITY,
+            sensitivity=sensitivity,
             config_hash=run_hash,
             code_version=code_version(),
             split=EVALUATION,
             mechanism=EVALUATION_COUNTS,
             released=released_statistics(
-                self.data.num_classes, dp.evaluation_margin_edges, validation is not None
+                self.data.num_classes,
+                dp.evaluation_margin_edges,
+                validation is not None,
+                personal is not None,
             ),
         )
         released = dataclasses.replace(report, ledger_entry=entry.hash)

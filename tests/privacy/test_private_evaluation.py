@@ -23,12 +23,18 @@ from fedmed.metrics import (
     auc_from_histograms,
     binormal_auc,
     released_counts,
+    split_held_out,
     stats_from_counts,
 )
 from fedmed.models import build_loss, build_model
 from fedmed.privacy.accounting import DPSteps, cumulative_epsilon
 from fedmed.privacy.budget import PrivacyAccount, SitePolicy
-from fedmed.privacy.evaluation import add_noise, evaluation_noise_multiplier, evaluation_steps
+from fedmed.privacy.evaluation import (
+    PERSONAL_SENSITIVITY,
+    add_noise,
+    evaluation_noise_multiplier,
+    evaluation_steps,
+)
 from fedmed.privacy.ledger import append_entry, load_or_create_signing_key
 from fedmed.privacy.mechanisms import DP_SGD, EVALUATION, EVALUATION_COUNTS, TRAIN
 from fedmed.protocol import EvaluateReport, PrivacyReport, RecordError
@@ -121,6 +127,20 @@ def test_the_noise_has_the_stated_deviation_and_seeds_reproduce_it() -> None:
     assert np.std(noisy - counts) == pytest.approx(2.5, rel=0.01)
     assert np.array_equal(noisy, add_noise(counts, 2.5, np.random.default_rng(7)))
     assert not np.array_equal(add_noise(counts, 2.5), add_noise(counts, 2.5))  # OS randomness
+    # a release counting each record twice (global and personal model): the noise scales
+    scaled = add_noise(counts, 2.5, np.random.default_rng(7), PERSONAL_SENSITIVITY)
+    assert np.std(scaled - counts) == pytest.approx(2.5 * 2**0.5, rel=0.01)
+
+
+def test_a_held_out_vector_splits_back_into_its_parts() -> None:
+    test, validation, own = (np.full(8, float(v)) for v in (1, 2, 3))
+    counts = np.concatenate([test, validation, own])
+    back = split_held_out(counts, with_validation=True, with_personal=True)
+    assert [p.tolist() for p in back if p is not None] == [test.tolist(), validation.tolist(),
+                                                            own.tolist()]  # fmt: skip
+    test_only, none, personal = split_held_out(np.concatenate([test, own]), False, True)
+    assert none is None and test_only.tolist() == test.tolist()
+    assert personal is not None and personal.tolist() == own.tolist()
 
 
 def test_one_evaluation_is_opacus_gaussian_mechanism_exactly() -> None:

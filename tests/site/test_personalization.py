@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,36 @@ def test_the_site_report_is_exact_on_its_own_test_split(
         assert report["models"]["personal"] != report["models"]["global"]
         text = (_personal(run_dir, site) / REPORT_FILE).read_text()
         assert f"{site}: global and personal model" in text and "Nothing in" in text
+
+
+def test_the_coordinator_sees_the_personal_models_only_through_the_evaluation(
+    runs: dict[str, tuple[Path, list[Reply]]],
+):
+    """Without DP the coordinator merges the sites' exact counts (its per-site figures are
+    the sites' own reports'); with DP the final evaluation's one noisy release also counts
+    the test records under each personal model: sensitivity sqrt 2, the noise scaled by it,
+    the same epsilon as any evaluation, and figures close to the exact ones."""
+    exact_run, _ = runs["mrmtl"]
+    seen = json.loads((exact_run / "summary.json").read_text())["personal_models"]
+    assert seen["evaluation"] == "exact" and seen["method"] == "mrmtl" and seen["round"] == 3
+    for site in SITES:
+        own = json.loads((_personal(exact_run, site) / REPORT_JSON).read_text())
+        assert seen["sites"][site] == pytest.approx(own["models"]["personal"])
+    private_run, _ = runs["finetune-dp"]
+    summary = json.loads((private_run / "summary.json").read_text())
+    seen = summary["personal_models"]
+    assert seen["evaluation"] == "private" and seen["sites"] is None and seen["round"] == 2
+    reports = [json.loads((_personal(private_run, s) / REPORT_JSON).read_text()) for s in SITES]
+    sizes = [r["test_records"] for r in reports]
+    accuracies = [r["models"]["personal"]["accuracy"] for r in reports]
+    exact = float(np.average(accuracies, weights=sizes))
+    assert seen["accuracy"] == pytest.approx(exact, abs=0.1)
+    for site in SITES:
+        [final] = [e for e in _entries(private_run, site) if e.get("split") == "evaluation"]
+        assert final["round"] == 2 and final["sensitivity"] == pytest.approx(math.sqrt(2))
+        assert "test records under the site's personal model" in final["released"]
+        # one Gaussian step at the calibrated multiplier: the planned evaluation epsilon
+        assert 0.95 <= final["epsilon"] <= 1.0 and final["record_epsilon"] <= 1.0
 
 
 def test_a_site_whose_budget_covers_only_the_shared_rounds_declines_the_personal_steps(
