@@ -5,7 +5,9 @@ Every figure is a site's own exact report (``<site>.personal/personal_report.jso
 at the site on its test split) from a real ``fedmed simulate`` run. Local-only is
 ``personalization=mrmtl personalization.lam=0``: each site's own model, trained only on its
 records for the same rounds, steps and budget as the federation (nothing pulls it to the
-global model), so the comparison spends the same privacy.
+global model), so the comparison spends the same privacy. Beside them, what the coordinator
+saw of the personal models (``summary.json`` ``personal_models``: exact counts without DP, the
+final evaluation's noisy counts with DP) against the sites' exact reports merged.
 
     python benchmarks/personalization.py [--seeds 0 1 2 3 4] [--only heart]
     python benchmarks/personalization.py --quick   # tiny sizes, proves the script still works
@@ -48,25 +50,38 @@ def methods(task: str) -> dict[str, list[str]]:
 
 
 def site_reports(run_dir: Path) -> dict[str, dict[str, Any]]:
-    """Each site's own report of the run, by site."""
+    """Each site's own report of the run, by site (its models' figures, its test size)."""
     reports = {}
     for path in sorted((run_dir / "ledgers").glob("*.personal/personal_report.json")):
         report = json.loads(path.read_text())
-        reports[report["site"]] = report["models"]
+        reports[report["site"]] = {**report["models"], "test_records": report["test_records"]}
     return reports
+
+
+def coordinator_view(run_dir: Path, reports: dict[str, dict[str, Any]]) -> tuple[float, float]:
+    """(the personal models' accuracy as the coordinator saw it (summary.json; under DP from
+    the final evaluation's noisy counts), the same merged exactly from the sites' reports)."""
+    seen = json.loads((run_dir / "summary.json").read_text())["personal_models"]
+    sizes = [r["test_records"] for r in reports.values()]
+    exact = sum(r["personal"][FIGURE] * n for r, n in zip(reports.values(), sizes, strict=True))
+    return seen[FIGURE], exact / sum(sizes)
 
 
 def measure(task: str, privacy: list[str], seeds: list[int], extra: list[str],
             workdir: Path) -> dict[str, Any]:  # fmt: skip
     """Per site and seed: the global model's, local-only's and each method's figure."""
     table: dict[str, dict[str, list[float]]] = {}
+    seen: dict[str, list[tuple[float, float]]] = {}
     for seed in seeds:
         for method, overrides in methods(task).items():
             out = Path(tempfile.mkdtemp(dir=workdir))
             seeded = [f"seed={seed}"] + (["privacy.noise_seed=" + str(seed)] if privacy else [])
             args = [*TASKS[task], *privacy, *overrides, *seeded, *extra, f"hydra.run.dir={out}"]
             run_cli("simulate", args)
-            for site, models in site_reports(out).items():
+            reports = site_reports(out)
+            if method != "fedper":  # FedPer's evaluation is of its personal models already
+                seen.setdefault(method, []).append(coordinator_view(out, reports))
+            for site, models in reports.items():
                 row = table.setdefault(site, {})
                 if method == "finetune":  # its global model is plain FedAvg (mrmtl: the mean)
                     row.setdefault("global", []).append(models["global"][FIGURE])
@@ -77,6 +92,14 @@ def measure(task: str, privacy: list[str], seeds: list[int], extra: list[str],
     summary["mean over sites"] = {
         m: mean_sd([sum(table[s][m][i] for s in table) / len(table) for i in range(len(seeds))])
         for m in columns
+    }
+    summary["coordinator_view"] = {
+        method: {
+            "coordinator": mean_sd([c for c, _ in pairs]),
+            "sites_exact_merged": mean_sd([e for _, e in pairs]),
+            "largest_abs_difference": max(abs(c - e) for c, e in pairs),
+        }
+        for method, pairs in seen.items()
     }
     summary["per_seed"] = table
     return summary
@@ -100,10 +123,14 @@ def main() -> None:
                 results[f"{task}/{name}"] = row
                 print(f"{task} {name} ({FIGURE}, mean ± sd over seeds {seeds})")
                 for site, cells in row.items():
-                    if site != "per_seed":
+                    if site not in ("per_seed", "coordinator_view"):
                         text = "  ".join(f"{m} {c['mean']:.3f}±{c['sd']:.3f}"
                                          for m, c in cells.items())  # fmt: skip
                         print(f"  {site:>16}: {text}", flush=True)
+                for method, view in row["coordinator_view"].items():
+                    print(f"  coordinator saw {method}: {view['coordinator']['mean']:.3f}, "
+                          f"exact {view['sites_exact_merged']['mean']:.3f}, largest difference "
+                          f"{view['largest_abs_difference']:.3f}", flush=True)  # fmt: skip
     write_results("personalization.json", results, args.quick)
 
 
