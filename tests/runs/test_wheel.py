@@ -199,6 +199,12 @@ def test_simulate_and_dry_run_from_a_folder_that_is_not_the_checkout(
     hydra = yaml.safe_load((installed.work / "sim" / ".hydra" / "hydra.yaml").read_text())
     main = [s for s in hydra["hydra"]["runtime"]["config_sources"] if s["provider"] == "main"]
     assert [Path(s["path"]) for s in main] == [installed.site_packages / "fedmed" / "conf"]
+    # the installed package explains the run at its sites (Captum and the conf/ tree from
+    # the wheel), into the run folder only
+    explained = installed.run("fedmed", "explain", "sim", "--site", "va")
+    assert explained.returncode == 0, explained.stdout[-3000:] + explained.stderr[-3000:]
+    report = json.loads((installed.work / "sim" / "sites" / "va" / "explanation.json").read_text())
+    assert report["models"]["global"]["completeness_error"] < 1e-5
 
     planned = installed.run(
         "fedmed", "dry-run", "privacy=dp", "federation.rounds=2", "hydra.run.dir=dry"
