@@ -10,13 +10,11 @@ folder (beside its ledger, or ``--out``). Nothing is sent anywhere.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
-import yaml
-
+from fedmed.coordinator.app import GLOBAL_MODEL_FILE
 from fedmed.data import SiteData, load_site, num_sites
 from fedmed.errors import FedMedError, SiteError
 from fedmed.explain import RECORDS_HELP
@@ -24,14 +22,13 @@ from fedmed.explain.global_view import write_global_explanation
 from fedmed.explain.site_report import SiteModels, write_site_explanation
 from fedmed.kits.site import SiteKit, load_site_kit
 from fedmed.models.card import ModelCard, load_model, read_card
-from fedmed.operating_point import OPERATING_POINT_FILE
 from fedmed.runs.compose import compose_config
+from fedmed.runs.exact_evaluation import run_config, saved_threshold
 from fedmed.site.personal import MODEL_FILE, personal_folder
 from fedmed.site.policy import SiteRuntime, site_data_config, site_setup
 
 log = logging.getLogger(__name__)
 
-GLOBAL_MODEL = "global_model.pt"
 SITES_FOLDER = "sites"
 EXPLAIN_SUFFIX = ".explain"
 
@@ -59,7 +56,7 @@ def explain_main(argv: list[str]) -> int:
 def explain_run(
     run: Path, only: list[str] | None, global_only: bool, per_outcome: int, records: list[int]
 ) -> int:
-    model_path = run / GLOBAL_MODEL
+    model_path = run / GLOBAL_MODEL_FILE
     card = read_card(model_path)
     model = load_model(model_path, card)
     report = write_global_explanation(model, card, run)
@@ -72,8 +69,8 @@ def explain_run(
             "(fedmed site explain sites/NAME.yaml --model RUN/global_model.pt)"
         )
         return 0
-    cfg = compose_config(_run_overrides(run))
-    threshold = _threshold(model_path)
+    cfg = run_config(run)
+    threshold = saved_threshold(run)
     sites = [load_site(cfg, i) for i in range(num_sites(cfg))]
     unknown = sorted(set(only or ()) - {s.name for s in sites})
     if unknown:
@@ -116,7 +113,7 @@ def explain_deployed_site(
     check_columns(card, model_path, data, kit.data.path)
     models = {"global": model, **_personal(kit, card)}
     folder = out or _site_folder(kit, Path(kit_path))
-    threshold = _threshold(model_path)
+    threshold = saved_threshold(model_path.parent)
     site = SiteModels(kit.name, data, models, threshold, str(model_path), tuple(records))
     try:
         html = write_site_explanation(site, folder)
@@ -159,23 +156,6 @@ def _personal(kit: SiteKit, card: ModelCard) -> dict:
     except FedMedError:
         return {}
     return {"personal": load_model(path, card)} if path.is_file() else {}
-
-
-def _threshold(model_path: Path) -> float:
-    """The run's operating point (saved beside the global model), else 0."""
-    path = model_path.parent / OPERATING_POINT_FILE
-    if not path.is_file():
-        return 0.0
-    value = json.loads(path.read_text()).get("threshold")
-    return 0.0 if value is None else float(value)
-
-
-def _run_overrides(run: Path) -> list[str]:
-    """The overrides the run was composed from (Hydra's record of them)."""
-    path = run / ".hydra" / "overrides.yaml"
-    if not path.is_file():
-        raise FedMedError(f"{path}: not found; is {run} the folder of a fedmed simulate run?")
-    return [str(o) for o in yaml.safe_load(path.read_text()) or []]
 
 
 def _site_folder(kit: SiteKit, kit_path: Path) -> Path:

@@ -221,7 +221,9 @@ def test_explain_errors_name_the_file_or_site(heart: dict[str, Any], tmp_path: P
         shutil.copy(heart["run"] / name, copied / name)
     no_overrides = run_fedmed("explain", str(copied))
     assert no_overrides.returncode == 2
-    assert f"{copied / '.hydra' / 'overrides.yaml'}: not found" in no_overrides.stderr
+    assert f"{copied}: no .hydra/overrides.yaml (not the folder of a fedmed run)" in (
+        no_overrides.stderr
+    )
     no_card = tmp_path / "no-card"
     no_card.mkdir()
     shutil.copy(heart["run"] / "global_model.pt", no_card / "global_model.pt")
