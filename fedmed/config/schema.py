@@ -174,7 +174,14 @@ class ModelConfig:
 
 @dataclass
 class StrategyConfig:
-    """Aggregation rule; server-side optimiser settings only matter for fedadam/fedyogi."""
+    """Aggregation rule; server-side optimiser settings only matter for fedadam/fedyogi.
+
+    ``average_decay`` (null: off): the model the sites evaluate, and the one saved, is the
+    exponential moving average of the rounds' global models (decay d: average = d x average
+    + (1 - d) x global, from round 1's global model on), while training continues from the
+    plain global model. Under DP it is post-processing of the released aggregates: it costs
+    no privacy and averages out part of the rounds' noise.
+    """
 
     name: StrategyName = StrategyName.fedavg
     proximal_mu: float = 0.0
@@ -182,6 +189,7 @@ class StrategyConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     tau: float = 1e-3
+    average_decay: float | None = None
 
 
 @dataclass
@@ -545,6 +553,10 @@ def validate(cfg: FedMedConfig) -> None:
     _require(0.0 <= s.beta1 < 1.0, "strategy.beta1", s.beta1, "a number in [0, 1)")
     _require(0.0 <= s.beta2 < 1.0, "strategy.beta2", s.beta2, "a number in [0, 1)")
     _require(s.tau > 0.0, "strategy.tau", s.tau, "a number > 0")
+    decay = s.average_decay
+    _require(
+        decay is None or 0.0 <= decay < 1.0, "strategy.average_decay", decay, "null or [0, 1)"
+    )
 
 
 def _validate_personalization(cfg: FedMedConfig) -> None:

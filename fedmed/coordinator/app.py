@@ -77,7 +77,9 @@ def run_coordinator(
 
     def save_checkpoint(server_round: int) -> None:
         assert strategy.global_weights is not None
-        state = checkpoint.capture(server_round, strategy.global_weights, inner, recorder)
+        state = checkpoint.capture(
+            server_round, strategy.global_weights, inner, recorder, strategy.averaged_weights
+        )
         checkpoint.save(state, output_dir)
 
     strategy = FederatedStrategy(
@@ -87,8 +89,11 @@ def run_coordinator(
         evaluation_rounds(cfg),
         round_offset=done,
         on_round_done=save_checkpoint,
+        average_decay=cfg.strategy.average_decay,
     )
     strategy.global_weights = weights
+    if resumed is not None:
+        strategy.averaged_weights = resumed.averaged_weights
     legacy = LegacyContext(
         context,
         config=ServerConfig(
@@ -126,7 +131,9 @@ def run_coordinator(
     except FederationStopped as stop:
         recorder.stop(str(stop), stop.status)
     finally:
-        set_weights(model, strategy.global_weights)
+        evaluated = strategy.evaluated_weights
+        assert evaluated is not None
+        set_weights(model, evaluated)  # the moving average when strategy.average_decay is set
         output_dir.mkdir(parents=True, exist_ok=True)
         torch.save(model.state_dict(), output_dir / GLOBAL_MODEL_FILE)
         write_card(model_card(cfg, simulated=registry is None), output_dir / GLOBAL_MODEL_FILE)

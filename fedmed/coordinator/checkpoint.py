@@ -37,10 +37,15 @@ class Checkpoint:
     recorder_state: dict[str, Any]
     python_random: Any
     numpy_random: Any
+    averaged_weights: list[np.ndarray] | None = None  # strategy.average_decay's average
 
 
 def capture(
-    server_round: int, weights: list[np.ndarray], inner: Strategy, recorder: RunRecorder
+    server_round: int,
+    weights: list[np.ndarray],
+    inner: Strategy,
+    recorder: RunRecorder,
+    averaged: list[np.ndarray] | None = None,
 ) -> Checkpoint:
     return Checkpoint(
         round=server_round,
@@ -53,6 +58,7 @@ def capture(
         },
         python_random=random.getstate(),
         numpy_random=np.random.get_state(),
+        averaged_weights=None if averaged is None else [w.copy() for w in averaged],
     )
 
 

@@ -53,11 +53,14 @@ class FederatedStrategy(Strategy):
         evaluation_rounds: list[int],
         round_offset: int = 0,
         on_round_done: Callable[[int], None] | None = None,
+        average_decay: float | None = None,
     ) -> None:
         """``evaluation_rounds``: the rounds after which the sites evaluate the global model.
         ``round_offset``: rounds already done before this run (resume); Flower counts
         from 1 again, the sites and the records continue the run's numbering.
-        ``on_round_done(round)`` runs at the end of each round (checkpointing)."""
+        ``on_round_done(round)`` runs at the end of each round (checkpointing).
+        ``average_decay``: evaluate (and save) the moving average of the global models
+        (``strategy.average_decay``); None: the global model itself."""
         self.inner = inner
         self.recorder = recorder
         self.min_sites = min_sites
@@ -65,7 +68,20 @@ class FederatedStrategy(Strategy):
         self.round_offset = round_offset
         self.on_round_done = on_round_done
         self.global_weights: list[np.ndarray] | None = None
+        self.average_decay = average_decay
+        self.averaged_weights: list[np.ndarray] | None = None
         self.last_aggregated_round = 0
+
+    @property
+    def evaluated_weights(self) -> list[np.ndarray] | None:
+        """The model the sites evaluate and the run saves: the moving average when on."""
+        return self.averaged_weights if self.averaged_weights is not None else self.global_weights
+
+    def evaluation_parameters(self, parameters: Parameters) -> Parameters:
+        """What an evaluation round sends: ``parameters`` (the global model), or the average."""
+        if self.average_decay is None or self.averaged_weights is None:
+            return parameters
+        return ndarrays_to_parameters(self.averaged_weights)
 
     def __repr__(self) -> str:
         return f"FederatedStrategy({self.inner!r})"
@@ -140,6 +156,10 @@ class FederatedStrategy(Strategy):
         self.last_aggregated_round = server_round
         if parameters is not None:
             self.global_weights = parameters_to_ndarrays(parameters)
+            if self.average_decay is not None:
+                self.averaged_weights = moving_average(
+                    self.averaged_weights, self.global_weights, self.average_decay
+                )
         return parameters, metrics
 
     def configure_evaluate(
@@ -151,7 +171,8 @@ class FederatedStrategy(Strategy):
         if server_round not in self.evaluation_rounds:
             self.end_round(server_round, evaluated=False)
             return []
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+        evaluated = self.evaluation_parameters(parameters)
+        return self.inner.configure_evaluate(server_round, evaluated, client_manager)
 
     def end_round(self, server_round: int, evaluated: bool) -> None:
         """The round is over: its progress line when no evaluation printed one, its
@@ -190,6 +211,15 @@ class FederatedStrategy(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         return self.inner.evaluate(server_round + self.round_offset, parameters)
+
+
+def moving_average(
+    average: list[np.ndarray] | None, weights: list[np.ndarray], decay: float
+) -> list[np.ndarray]:
+    """decay x average + (1 - decay) x weights; the first round's weights start it."""
+    if average is None:
+        return [w.copy() for w in weights]
+    return [decay * a + (1.0 - decay) * w for a, w in zip(average, weights, strict=True)]
 
 
 def _claimed_site(metrics: dict[str, Scalar]) -> str:

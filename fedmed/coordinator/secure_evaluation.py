@@ -60,7 +60,8 @@ class _EvaluationTask(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         run_round = server_round + self.strategy.round_offset
-        sampled = self.strategy.inner.configure_evaluate(run_round, parameters, client_manager)
+        evaluated = self.strategy.evaluation_parameters(parameters)
+        sampled = self.strategy.inner.configure_evaluate(run_round, evaluated, client_manager)
         return [
             (proxy, FitIns(ins.parameters, {**ins.config, TASK_KEY: EVALUATE_TASK}))
             for proxy, ins in sampled
