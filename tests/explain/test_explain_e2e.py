@@ -1,21 +1,25 @@
 """``fedmed explain`` and ``fedmed site explain`` on real runs (issue 19).
 
 One real heart-disease simulation (4 hospitals, svm, DP at epsilon 1, personal fine-tuned
-models) and one real pneumonia simulation (4 sites, the scatter model), each explained once
-through the CLI; the assertions share those runs.
+models, the global models averaged over rounds: ``strategy.average_decay``) and one real
+pneumonia simulation (4 sites, the scatter model), each explained once through the CLI; the
+assertions share those runs.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
 
+from fedmed.coordinator.checkpoint import CHECKPOINT_FILE
 from fedmed.data import load_site
 from fedmed.explain.linear import MarginModel
 from fedmed.models.card import load_model, read_card
@@ -97,6 +101,17 @@ def test_every_site_explains_the_global_and_its_personal_model(heart: dict[str, 
     for site in SITES:
         assert f"site {site}: " in proc.stdout and "global, personal" in proc.stdout
         assert set(_numbers(heart["run"], site)["models"]) == {"global", "personal"}
+
+
+def test_the_saved_model_is_the_moving_average_of_the_rounds(heart: dict[str, Any]) -> None:
+    """strategy.average_decay=0.5: what the sites evaluated and the run saved is the average
+    (kept in the checkpoint beside the plain global model training continued from)."""
+    with (heart["run"] / CHECKPOINT_FILE).open("rb") as handle:
+        state = pickle.load(handle)
+    saved = [t.numpy() for t in torch.load(heart["run"] / "global_model.pt").values()]
+    assert state.round == 2 and state.averaged_weights is not None
+    assert all(np.allclose(s, a) for s, a in zip(saved, state.averaged_weights, strict=True))
+    assert not all(np.allclose(s, g) for s, g in zip(saved, state.global_weights, strict=True))
 
 
 def test_nothing_is_written_outside_the_sites_folders(heart: dict[str, Any]) -> None:
