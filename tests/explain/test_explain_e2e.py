@@ -33,14 +33,15 @@ SITES = ("cleveland", "hungary", "switzerland", "va")
 HEART = [
     "dataset=heart",
     "model=svm",
-    "federation.rounds=3",
+    "federation.rounds=2",
     "privacy=dp",
     "privacy.target_epsilon=1",
     "privacy.delta=1e-3",
     "privacy.noise_seed=0",
     "personalization=finetune",
+    "strategy.average_decay=0.5",
 ]
-PNEUMONIA = ["dataset=pneumonia", "model=scatter", "federation.num_sites=4", "federation.rounds=3"]
+PNEUMONIA = ["dataset=pneumonia", "model=scatter", "federation.num_sites=4", "federation.rounds=2"]
 CSV_HEADER = [
     "age",
     "sex",
@@ -88,7 +89,8 @@ def heart(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def pneumonia(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    return _explained(tmp_path_factory, "pneumonia", PNEUMONIA, "--site", "site-0")
+    explain = ("--site", "site-0", "--per-outcome", "1")
+    return _explained(tmp_path_factory, "pneumonia", PNEUMONIA, *explain)
 
 
 def _numbers(run: Path, site: str) -> dict[str, Any]:
@@ -263,7 +265,7 @@ def test_cnn_attribution_maps_are_complete_and_fail_the_randomisation_test(
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert sorted(p.name for p in (run / "sites").iterdir()) == ["site-0"]
     [numbers] = _numbers(run, "site-0")["models"].values()
-    assert sum(len(v) for v in numbers["images"].values()) >= 6  # a grid by outcome
+    assert sum(len(v) for v in numbers["images"].values()) >= 3  # one per outcome found
     # Integrated Gradients' completeness: the maps add up to the margin's change
     assert numbers["ig_completeness_error"]["max_relative"] < 1e-3
     # the maps explain the model: re-initialising its classifier changes them (a rank
